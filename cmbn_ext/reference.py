@@ -15,11 +15,6 @@ def stats_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reduce_dims(x):
-    """All dimensions but the channel one."""
-    return [0] + list(range(2, x.dim()))
-
-
 def channel_view(t, x):
     """A per-channel ``(C,)`` tensor shaped to broadcast against ``x``."""
     return t.view([1, -1] + [1] * (x.dim() - 2))
@@ -33,11 +28,13 @@ def values_per_channel(x):
 def batch_stats(x):
     """Mean and biased variance per channel of one micro-batch.
 
-    ``torch.var_mean`` reduces with Welford/two-pass accumulation, never ``E[x^2] - E[x]^2``, so a large
-    mean does not cancel the variance away.
+    torch's per-channel BatchNorm statistics accumulate with Welford's method, never
+    ``E[x^2] - E[x]^2``, so a large mean does not cancel the variance away. Half input is widened first:
+    its statistics must not be rounded to half.
     """
-    var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=reduce_dims(x), correction=0)
-    return mean, var
+    dtype = stats_dtype(x.dtype)
+    mean, var = torch.batch_norm_update_stats(x.to(dtype), None, None, 0.0)
+    return mean.to(dtype), var.to(dtype)
 
 
 def pool(mean_a, var_a, mean_b, var_b, b):
@@ -83,17 +80,25 @@ def current_weight(history_count, m, ema_momentum, dtype):
 
 
 def normalize(x, mean, var, weight, bias, eps):
-    """``y = weight * (x - mean) / sqrt(var + eps) + bias`` in the statistics' dtype, stored like ``x``."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    centered = x - channel_view(mean, x)
-    y = torch.empty_like(x)
-    if bias is None:
-        torch.mul(centered, channel_view(scale, x), out=y)
-    else:
-        torch.addcmul(channel_view(bias.to(scale.dtype), x), centered, channel_view(scale, x), out=y)
-    return y
+    """``y = weight * (x - mean) / sqrt(var + eps) + bias``, computed in the statistics' dtype and stored
+    in the dtype and memory format of ``x``.
+
+    This is BatchNorm's inference transform with ``(mean, var)`` in place of the running statistics,
+    so torch's fused per-channel kernel does it in one pass.
+    """
+    dtype = mean.dtype
+    y = torch.batch_norm(x, _as(weight, dtype), _as(bias, dtype), mean, var, False, 0.0, eps,
+                         torch.backends.cudnn.enabled)
+    return _like(y, x)
+
+
+def _as(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _like(t, x):
+    """``t`` with the strides of ``x`` (outputs keep the input's memory format, whatever its shape)."""
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
 
 
 def forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum):
@@ -115,37 +120,41 @@ def backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact)
     """Closed-form gradients of SPEC section 4, history held constant.
 
     Returns ``(grad_x, grad_weight, grad_bias)``; the parameter gradients are per channel in the
-    statistics' dtype. Both choices of ``grad`` reduce to two sums over the micro-batch,
-    ``sum(dy)`` and ``sum(dy * (x - batch_mean))``, and then write
-    ``dx = coef_dy * dy + coef_xc * (x - batch_mean) + const`` per channel.
+    statistics' dtype. With ``g = dy * weight``, pooled ``xhat = (x - mean) * invstd`` and the
+    micro-batch's own ``xhat_b = (x - batch_mean) * invstd_b``:
+
+    - ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)``;
+    - renorm: ``dx = invstd * (g - sum(g)/m - xhat_b * sum(g * xhat_b)/m)``. That is BatchNorm's training
+      backward about the micro-batch's own statistics with the weight scaled by ``invstd / invstd_b``,
+      so torch's fused BatchNorm backward computes it, with both sums, in one call;
+    - exact: ``dx = invstd * (g - (b/m) * sum(g) - xhat * (b/m) * sum(g * xhat))``.
     """
     dtype = stats_dtype(x.dtype)
-    dims = reduce_dims(x)
     m = values_per_channel(x)
+    grad_y = grad_y.to(x.dtype).contiguous(memory_format=_memory_format(x))
     invstd = torch.rsqrt(var + eps)
+    invstd_b = torch.rsqrt(batch_var + eps)
     w = torch.ones_like(invstd) if weight is None else weight.to(dtype)
-
-    centered = x - channel_view(batch_mean, x)
-    sum_dy = grad_y.sum(dims, dtype=dtype)
-    sum_dy_xc = (grad_y * centered).sum(dims, dtype=dtype)
-    # Pooled xhat = (x - mean) * invstd = (centered + batch_mean - mean) * invstd.
-    shift = batch_mean - mean
-    grad_weight = invstd * (sum_dy_xc + shift * sum_dy)  # sum(dy * xhat)
-    grad_bias = sum_dy
-
-    coef_dy = invstd * w  # d xhat / d x is invstd, g = dy * weight
+    # (grad_x about the micro-batch statistics, sum(dy * xhat_b), sum(dy))
+    grad_x, sum_dy_xhat_b, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_y, x, w * invstd / invstd_b, None, None, batch_mean, invstd_b, True, eps,
+        [not exact, True, True])
+    sum_dy_xhat_b, sum_dy = sum_dy_xhat_b.to(dtype), sum_dy.to(dtype)
+    # xhat = xhat_b * invstd / invstd_b + (batch_mean - mean) * invstd
+    grad_weight = sum_dy_xhat_b * invstd / invstd_b + (batch_mean - mean) * invstd * sum_dy
     if exact:
-        # dx = invstd * (g - (b/m) sum(g) - xhat (b/m) sum(g * xhat))
-        k = b / m
-        coef_xc = -coef_dy * invstd * k * grad_weight
-        const = -coef_dy * k * sum_dy + coef_xc * shift
-    else:
-        # dx = invstd * (g - sum(g)/m - xhat_b sum(g * xhat_b)/m), xhat_b = centered * invstd_b
-        invstd_b_sq = 1 / (batch_var + eps)
-        coef_xc = -coef_dy * invstd_b_sq * sum_dy_xc / m
-        const = -coef_dy * sum_dy / m
+        coef_dy = invstd * w
+        coef_sum = -coef_dy * b / m  # multiplies sum(dy) and, with xhat, sum(dy * xhat)
+        xhat = (x - channel_view(mean, x)) * channel_view(invstd, x)
+        grad_x = torch.addcmul(torch.addcmul(channel_view(coef_sum * sum_dy, x), xhat,
+                                             channel_view(coef_sum * grad_weight, x)),
+                               grad_y, channel_view(coef_dy, x))
+    return _like(grad_x.to(x.dtype), x), grad_weight, sum_dy
 
-    partial = torch.addcmul(channel_view(const, x), centered, channel_view(coef_xc, x))
-    grad_x = torch.empty_like(x)
-    torch.addcmul(partial, grad_y, channel_view(coef_dy, x), out=grad_x)
-    return grad_x, grad_weight, grad_bias
+
+def _memory_format(x):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
