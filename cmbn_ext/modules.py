@@ -231,6 +231,19 @@ class _CrossMiniBatchNorm(_BatchNorm):
         # A plain BatchNorm checkpoint has no window state: it loads as an empty window.
         for name in WINDOW_BUFFERS:
             state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        # All or nothing: a checkpoint of another shape must not leave the layer half loaded.
+        mismatched = [
+            f"size mismatch for {prefix}{name}: copying a param with shape {tuple(state_dict[prefix + name].shape)} "
+            f"from checkpoint, the shape in current model is {tuple(tensor.shape)}"
+            + (" (the window state of another mode or window)" if name in WINDOW_BUFFERS else "")
+            for name, tensor in [*self._parameters.items(), *self._buffers.items()]
+            if tensor is not None and prefix + name in state_dict
+            and isinstance(state_dict[prefix + name], torch.Tensor)
+            and state_dict[prefix + name].shape != tensor.shape
+        ]
+        if mismatched:
+            error_msgs.extend(mismatched)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -57,12 +57,16 @@ def _reference_forward(x, weight, bias, history_count, history_mean, history_var
 
 
 def _reference_backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact_grad):
-    return reference.backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact_grad)
+    with torch.no_grad():  # the gradients are not differentiable again (see _backward)
+        return reference.backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps,
+                                  exact_grad)
 
 
 for _key in ("CPU",) if _HAS_KERNELS else ("CPU", "CUDA"):
     _lib.impl("cmbn_forward", _reference_forward, _key)
     _lib.impl("cmbn_backward", _reference_backward, _key)
+# The backward op is not differentiable: autograd passes straight through to the kernels.
+_lib.impl("cmbn_backward", torch.library.fallthrough_kernel, "Autograd")
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_forward")
@@ -88,6 +92,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, *_unused_statistics_grads):
+    if torch.is_grad_enabled():
+        raise RuntimeError("cmbn_ext: double backward (create_graph=True) through CrossMiniBatchNorm is "
+                           "not supported")
     x, weight, mean, var, batch_mean, batch_var, b = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = torch.ops.cmbn_ext.cmbn_backward(
         grad_y, x, weight, mean, var, batch_mean, batch_var, b, ctx.eps, ctx.exact_grad)

@@ -1,0 +1,31 @@
+"""Shared helpers: independent expectations the layer is checked against."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def bn_stats(x):
+    """Plain biased BatchNorm statistics of ``x`` in fp64, computed directly."""
+    dims = [0] + list(range(2, x.dim()))
+    x = x.double()
+    return x.mean(dims), x.var(dims, unbiased=False)
+
+
+def bn_forward(x, weight, bias, eps=1e-5):
+    """Training-mode BatchNorm over ``x`` alone (torch's own)."""
+    return torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+
+def state_of(layer):
+    """A deep copy of every buffer and parameter, for exact before/after comparisons."""
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,0 +1,119 @@
+"""The op boundary: opcheck, torch.compile against eager, and long runs that keep no graph."""
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+import cmbn_ext
+
+
+def _op_args(dtype=torch.float32, fmt=torch.contiguous_format, affine=True, slots=1, ema=None,
+             exact=False, shape=(3, 4, 5, 5)):
+    C = shape[1]
+    x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.randn(C, dtype=param_dtype, requires_grad=True) if affine else None
+    b = torch.randn(C, dtype=param_dtype, requires_grad=True) if affine else None
+    counts = torch.randint(0, 20, (slots, C))
+    mean = torch.randn(slots, C)
+    var = torch.rand(slots, C) + 0.5
+    return (x, w, b, counts, mean, var, 1e-5, ema, exact)
+
+
+OP_CASES = {
+    "fp32": {},
+    "fp64-exact": dict(dtype=torch.float64, exact=True),
+    "fp16-channels-last": dict(dtype=torch.float16, fmt=torch.channels_last),
+    "bf16-1x1-channels-last": dict(dtype=torch.bfloat16, fmt=torch.channels_last, shape=(3, 4, 1, 1)),
+    "no-affine-ema": dict(affine=False, ema=0.1),
+    "sliding-ring": dict(slots=3),
+    "no-history": dict(slots=0),
+    "1d": dict(shape=(6, 4)),
+}
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_opcheck_forward(case):
+    torch.library.opcheck(torch.ops.cmbn_ext.cmbn_forward.default, _op_args(**OP_CASES[case]))
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp64-exact", "fp16-channels-last", "no-affine-ema"])
+def test_opcheck_backward(case):
+    x, w, b, counts, mean_h, var_h, eps, ema, exact = _op_args(**OP_CASES[case])
+    with torch.no_grad():
+        y, mean, var, batch_mean, batch_var, weight_b = torch.ops.cmbn_ext.cmbn_forward(
+            x, w, b, counts, mean_h, var_h, eps, ema, exact)
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.cmbn_ext.cmbn_backward.default,
+                          (dy, x.detach(), w, mean, var, batch_mean, batch_var, weight_b, eps, exact))
+
+
+def _net(mode, window, grad):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        cmbn_ext.CrossMiniBatchNorm2d(8, mode=mode, window=window, grad=grad),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 1),
+        cmbn_ext.CrossMiniBatchNorm2d(4, mode=mode, window=window, grad=grad, track_running_stats=False),
+    )
+
+
+def _train_and_eval(model, batches):
+    results = []
+    for x in batches:
+        y = model(x)
+        y.square().mean().backward()
+        results.append(y.detach())
+    results += [p.grad.clone() for p in model.parameters()]
+    model.eval()
+    results.append(model(batches[0]).detach())
+    model.train()
+    return results
+
+
+@pytest.mark.parametrize("mode,window,grad,backend", [
+    ("cumulative", 3, "renorm", "inductor"),
+    ("cumulative", 2, "exact", "aot_eager"),
+    ("sliding", 3, "renorm", "aot_eager"),
+    ("ema", 4, "exact", "aot_eager"),
+])
+def test_compile_fullgraph_matches_eager(mode, window, grad, backend):
+    """Outputs, gradients, eval outputs and every buffer after compiled steps equal eager's (window
+    commits included: 5 micro-batches cross a window end)."""
+    eager = _net(mode, window, grad)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    batches = [torch.randn(2, 3, 6, 6) * (i + 1) for i in range(5)]
+    for got, expected in zip(_train_and_eval(compiled, batches), _train_and_eval(eager, batches)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    for (name, got), expected in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema"])
+def test_200_micro_batches_keep_no_graph(mode):
+    """The article's bug: statistics that keep the autograd graph make the second backward fail."""
+    layer = cmbn_ext.CrossMiniBatchNorm2d(4, mode=mode, window=4)
+    conv = torch.nn.Conv2d(2, 4, 1)
+    for _ in range(200):
+        y = layer(conv(torch.randn(2, 2, 3, 3)))
+        y.square().sum().backward()
+    for name, buffer in layer.named_buffers():
+        assert not buffer.requires_grad and buffer.grad_fn is None, name
+    assert torch.isfinite(conv.weight.grad).all()
+
+
+def test_has_cuda_kernels_reports_the_extension():
+    """True exactly when the compiled extension is present (CI compiles it): it must import even on
+    a machine without a GPU."""
+    built = importlib.util.find_spec("cmbn_ext._C") is not None
+    assert cmbn_ext.has_cuda_kernels() is built
+
+
+def test_double_backward_is_refused_clearly():
+    layer = cmbn_ext.CrossMiniBatchNorm2d(3)
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
