@@ -8,6 +8,7 @@ kernels for CUDA under the same names. Fakes make the ops traceable by ``torch.c
 Both ops are functional: the layers update their buffers from the returned statistics.
 """
 import importlib
+import os
 import importlib.util
 import warnings
 
@@ -29,9 +30,13 @@ _lib.define(
 
 
 def _load_kernels():
-    """Import the compiled CUDA kernels; a package built without them still works on the reference."""
+    """Import the compiled CUDA kernels; a package built without them still works on the reference.
+
+    ``CMBN_DISABLE_KERNELS=1`` in the environment leaves them unloaded, so CUDA tensors take the
+    pure-PyTorch path (for comparisons, and to rule the kernels out when debugging).
+    """
     name = f"{__package__}._C"
-    if importlib.util.find_spec(name) is None:
+    if os.environ.get("CMBN_DISABLE_KERNELS") == "1" or importlib.util.find_spec(name) is None:
         return False
     try:
         importlib.import_module(name)  # registers the CUDA implementations

@@ -1,6 +1,9 @@
 """The op boundary: opcheck, torch.compile against eager, and long runs that keep no graph."""
 import copy
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,7 +112,15 @@ def test_has_cuda_kernels_reports_the_extension():
     """True exactly when the compiled extension is present (CI compiles it): it must import even on
     a machine without a GPU."""
     built = importlib.util.find_spec("cmbn_ext._C") is not None
-    assert cmbn_ext.has_cuda_kernels() is built
+    wanted = os.environ.get("CMBN_DISABLE_KERNELS") != "1"
+    assert cmbn_ext.has_cuda_kernels() is (built and wanted)
+
+
+def test_kernels_can_be_disabled_from_the_environment():
+    code = "import cmbn_ext; print(cmbn_ext.has_cuda_kernels())"
+    env = dict(os.environ, CMBN_DISABLE_KERNELS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_double_backward_is_refused_clearly():
