@@ -13,11 +13,13 @@ _TO_BATCHNORM = {cmbn: bn for bn, cmbn in _TO_CMBN.items()}
 
 
 def _swap(module, cls, **kwargs):
-    """A ``cls`` layer with the options of ``module``, sharing its parameters and statistics."""
+    """A ``cls`` layer with the options of ``module`` (``eps`` and ``momentum`` unless ``kwargs`` set
+    them), sharing its parameters and statistics."""
     reference = module.running_mean if module.running_mean is not None else module.weight
     factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-    swapped = cls(module.num_features, module.eps, module.momentum, module.affine,
-                  module.track_running_stats, **kwargs, **factory)
+    options = {"eps": module.eps, "momentum": module.momentum, **kwargs}
+    swapped = cls(module.num_features, affine=module.affine,
+                  track_running_stats=module.track_running_stats, **options, **factory)
     # The same Parameter objects, so an optimizer built before the swap keeps working.
     swapped.weight, swapped.bias = module.weight, module.bias
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -31,7 +33,8 @@ def convert_batchnorm(module, **kwargs):
 
     Parameters and running statistics are kept (the very tensors), and so are ``eps``, ``momentum``,
     ``affine``, ``track_running_stats`` and the training flag. ``kwargs`` are the CmBN options
-    (``mode``, ``window``, ``grad``, ``process_group``). Only those exact classes are converted:
+    (``mode``, ``window``, ``grad``, ``process_group``), and may set ``momentum`` or ``eps`` anew (EMA
+    mode takes its weight from ``momentum``). Only those exact classes are converted:
     subclasses of BatchNorm may carry behaviour of their own. Returns the converted module (a new one
     when ``module`` itself is a BatchNorm layer); the children of ``module`` are replaced in place.
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ops  # noqa: F401  (registers torch.ops.cmbn_ext)
+from .distributed import GroupCrossMiniBatchNorm, check_group_matches
 from .reference import channel_view, values_per_channel
 
 MODES = ("cumulative", "sliding", "ema")
@@ -40,9 +41,9 @@ def _check_options(mode, window, grad, momentum, process_group):
     if mode == "ema" and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                           or not 0 < momentum <= 1):
         raise ValueError(f"mode='ema' needs momentum to be a float in (0, 1], got {momentum!r}")
-    if process_group is not None:
-        raise NotImplementedError("process_group is not supported yet: statistics are pooled within "
-                                  "one process")
+    if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")
 
 
 class _CrossMiniBatchNorm(_BatchNorm):
@@ -58,7 +59,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
             ``None`` (cumulative only) accumulates until ``end_window()``. Unused by ``"ema"``.
         grad: ``"renorm"`` (default, scale-invariant like BatchNorm) or ``"exact"`` (the exact gradient
             of the forward with history held constant); see SPEC section 4.
-        process_group: reserved for pooling across processes.
+        process_group: a ``torch.distributed`` process group whose ranks pool their micro-batches too
+            (``torch.distributed.group.WORLD`` for all); ``None`` (default) keeps each process alone.
 
     With ``window=1`` in cumulative mode the layer is exactly ``torch.nn.BatchNorm*d``.
     """
@@ -88,10 +90,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x):
         self._check_input(x)
-        if values_per_channel(x) == 0:
-            return self._empty_output(x)
         if not _is_dense(x):  # the kernels take contiguous or channels_last input
             x = x.contiguous()
+        if self.training and self.process_group is not None:
+            return self._forward_across_group(x)
+        if values_per_channel(x) == 0:
+            return self._empty_output(x)
         if not self.training and self.track_running_stats:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
                                 0.0, self.eps)
@@ -108,6 +112,22 @@ class _CrossMiniBatchNorm(_BatchNorm):
         if self.training:
             with torch.no_grad():
                 self._update_state(m, mean, var, batch_mean, batch_var)
+        return y
+
+    def _forward_across_group(self, x):
+        """Training with statistics shared across ``process_group`` (``distributed.py``). Every rank
+        must call it, an empty micro-batch included: it takes part in the collectives."""
+        check_group_matches(self.process_group, x)
+        ema_momentum = float(self.momentum) if self.mode == "ema" else None
+        y, mean, var, batch_mean, batch_var, count = GroupCrossMiniBatchNorm.apply(
+            x, self.weight, self.bias, self.window_count, self.window_mean, self.window_var, self.eps,
+            ema_momentum, self.grad == "exact", self.process_group, self.window_step)
+        count = int(count)
+        if count == 1:
+            self._check_more_than_one_value(x, self.window_count)
+        if count:
+            with torch.no_grad():
+                self._update_state(count, mean, var, batch_mean, batch_var)
         return y
 
     def _check_input(self, x):

@@ -1,11 +1,13 @@
-"""The op boundary: ``torch.ops.cmbn_ext.cmbn_forward`` and ``cmbn_backward``.
+"""The op boundary: ``torch.ops.cmbn_ext.*``.
 
-The schemas are defined here, once. ``reference.py`` is registered as the CPU implementation, and as the
-CUDA one when the compiled kernels are missing; the compiled extension ``cmbn_ext._C`` registers its
-kernels for CUDA under the same names. Fakes make the ops traceable by ``torch.compile``, and
-``register_autograd`` binds the backward op to the forward one.
+``cmbn_forward`` and ``cmbn_backward`` are the fused single-process ops the layers call; autograd binds
+the second to the first. The phase ops split them where the distributed path puts its collectives:
+``cmbn_batch_stats`` then ``cmbn_pooled_forward`` in the forward, ``cmbn_backward_sums`` then
+``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with an ``autograd.Function``).
 
-Both ops are functional: the layers update their buffers from the returned statistics.
+The schemas are defined here, once. ``reference.py`` implements every op on the CPU, and on CUDA for
+each op the compiled extension ``cmbn_ext._C`` has no kernel for. Fakes make the ops traceable by
+``torch.compile``. All ops are functional: the layers update their buffers from the returned statistics.
 """
 import importlib
 import os
@@ -27,6 +29,20 @@ _lib.define(
     "Tensor batch_var, Tensor b, float eps, bool exact_grad) "
     "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"
 )
+_lib.define("cmbn_batch_stats(Tensor x) -> (Tensor batch_mean, Tensor batch_var)")
+_lib.define(
+    "cmbn_pooled_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor count, Tensor batch_mean, "
+    "Tensor batch_var, Tensor history_count, Tensor history_mean, Tensor history_var, float eps, "
+    "float? ema_momentum) -> (Tensor y, Tensor mean, Tensor var, Tensor b)"
+)
+_lib.define("cmbn_backward_sums(Tensor grad_y, Tensor x, Tensor batch_mean) "
+            "-> (Tensor sum_dy, Tensor sum_dy_xc)")
+_lib.define(
+    "cmbn_backward_dx(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor var, "
+    "Tensor batch_mean, Tensor batch_var, Tensor b, Tensor sum_dy, Tensor sum_dy_xc, Tensor count, "
+    "float eps, bool exact_grad) -> Tensor grad_x"
+)
+
 
 
 def _load_kernels():
@@ -61,30 +77,65 @@ def _reference_forward(x, weight, bias, history_count, history_mean, history_var
                              ema_momentum)
 
 
-def _reference_backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact_grad):
-    with torch.no_grad():  # the gradients are not differentiable again (see _backward)
-        return reference.backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps,
-                                  exact_grad)
+def _without_grad(function):
+    """The non-differentiable ops: their outputs never carry an autograd graph."""
+    def run(*args):
+        with torch.no_grad():
+            return function(*args)
+    return run
 
 
-for _key in ("CPU",) if _HAS_KERNELS else ("CPU", "CUDA"):
-    _lib.impl("cmbn_forward", _reference_forward, _key)
-    _lib.impl("cmbn_backward", _reference_backward, _key)
-# The backward op is not differentiable: autograd passes straight through to the kernels.
-_lib.impl("cmbn_backward", torch.library.fallthrough_kernel, "Autograd")
+REFERENCE = {
+    "cmbn_forward": _reference_forward,
+    "cmbn_backward": _without_grad(reference.backward),
+    "cmbn_batch_stats": _without_grad(reference.batch_stats),
+    "cmbn_pooled_forward": _without_grad(reference.pooled_forward),
+    "cmbn_backward_sums": _without_grad(reference.backward_sums),
+    "cmbn_backward_dx": _without_grad(reference.backward_dx),
+}
+for _name, _function in REFERENCE.items():
+    _lib.impl(_name, _function, "CPU")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", "CUDA"):
+        _lib.impl(_name, _function, "CUDA")
+    if _name != "cmbn_forward":  # not differentiable: autograd passes straight through to the kernels
+        _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_forward")
 def _forward_fake(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
                   exact_grad):
-    stat = x.new_empty(x.shape[1], dtype=reference.stats_dtype(x.dtype))
-    return (torch.empty_like(x), stat, torch.empty_like(stat), torch.empty_like(stat),
-            torch.empty_like(stat), torch.empty_like(stat))
+    return (torch.empty_like(x), *(_channel_stats(x) for _ in range(5)))
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_backward")
 def _backward_fake(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact_grad):
     return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _channel_stats(x):
+    return x.new_empty(x.shape[1], dtype=reference.stats_dtype(x.dtype))
+
+
+@torch.library.register_fake("cmbn_ext::cmbn_batch_stats")
+def _batch_stats_fake(x):
+    return _channel_stats(x), _channel_stats(x)
+
+
+@torch.library.register_fake("cmbn_ext::cmbn_pooled_forward")
+def _pooled_forward_fake(x, weight, bias, count, batch_mean, batch_var, history_count, history_mean,
+                         history_var, eps, ema_momentum):
+    return torch.empty_like(x), _channel_stats(x), _channel_stats(x), _channel_stats(x)
+
+
+@torch.library.register_fake("cmbn_ext::cmbn_backward_sums")
+def _backward_sums_fake(grad_y, x, batch_mean):
+    return _channel_stats(x), _channel_stats(x)
+
+
+@torch.library.register_fake("cmbn_ext::cmbn_backward_dx")
+def _backward_dx_fake(grad_y, x, weight, mean, var, batch_mean, batch_var, b, sum_dy, sum_dy_xc, count,
+                      eps, exact_grad):
+    return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):

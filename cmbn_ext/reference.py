@@ -30,9 +30,12 @@ def batch_stats(x):
 
     torch's per-channel BatchNorm statistics accumulate with Welford's method, never
     ``E[x^2] - E[x]^2``, so a large mean does not cancel the variance away. Half input is widened first:
-    its statistics must not be rounded to half.
+    its statistics must not be rounded to half. An empty micro-batch has zeros, which weigh nothing
+    beside its count of 0.
     """
     dtype = stats_dtype(x.dtype)
+    if values_per_channel(x) == 0:
+        return _zero_stats(x), _zero_stats(x)
     mean, var = torch.batch_norm_update_stats(x.to(dtype), None, None, 0.0)
     return mean.to(dtype), var.to(dtype)
 
@@ -101,60 +104,122 @@ def _like(t, x):
     return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
 
 
+def pooled_forward(x, weight, bias, count, batch_mean, batch_var, history_count, history_mean,
+                   history_var, eps, ema_momentum):
+    """Pool the micro-batch's statistics (over ``count`` values per channel) with the history and
+    normalize ``x`` with the result.
+
+    ``count`` is usually ``x``'s own ``m``; across processes it is the whole group's, and the statistics
+    are the group's. Returns ``(y, mean, var, b)``.
+    """
+    dtype = stats_dtype(x.dtype)
+    n_h, mean_h, var_h = merge_history(history_count, history_mean, history_var, dtype)
+    b = current_weight(n_h, count, ema_momentum, dtype)
+    mean, var = pool(mean_h, var_h, batch_mean.to(dtype), batch_var.to(dtype), b)
+    return normalize(x, mean, var, weight, bias, eps), mean, var, b
+
+
 def forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum):
     """The training forward of one micro-batch.
 
     Returns ``(y, mean, var, batch_mean, batch_var, b)``: the output, the pooled statistics it was
     normalized with, the micro-batch's own statistics and the weight ``b`` the micro-batch had.
     """
-    dtype = stats_dtype(x.dtype)
     batch_mean, batch_var = batch_stats(x)
-    n_h, mean_h, var_h = merge_history(history_count, history_mean, history_var, dtype)
-    b = current_weight(n_h, values_per_channel(x), ema_momentum, dtype)
-    mean, var = pool(mean_h, var_h, batch_mean, batch_var, b)
-    y = normalize(x, mean, var, weight, bias, eps)
+    y, mean, var, b = pooled_forward(x, weight, bias, values_per_channel(x), batch_mean, batch_var,
+                                     history_count, history_mean, history_var, eps, ema_momentum)
     return y, mean, var, batch_mean, batch_var, b
 
 
-def backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact):
-    """Closed-form gradients of SPEC section 4, history held constant.
+def backward_sums(grad_y, x, batch_mean):
+    """The two per-channel sums every gradient needs: ``sum(dy)`` and ``sum(dy * (x - batch_mean))``.
 
-    Returns ``(grad_x, grad_weight, grad_bias)``; the parameter gradients are per channel in the
-    statistics' dtype. With ``g = dy * weight``, pooled ``xhat = (x - mean) * invstd`` and the
-    micro-batch's own ``xhat_b = (x - batch_mean) * invstd_b``:
-
-    - ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)``;
-    - renorm: ``dx = invstd * (g - sum(g)/m - xhat_b * sum(g * xhat_b)/m)``. That is BatchNorm's training
-      backward about the micro-batch's own statistics with the weight scaled by ``invstd / invstd_b``,
-      so torch's fused BatchNorm backward computes it, with both sums, in one call;
-    - exact: ``dx = invstd * (g - (b/m) * sum(g) - xhat * (b/m) * sum(g * xhat))``.
+    BatchNorm's backward reduction with a unit ``invstd`` computes exactly these.
     """
     dtype = stats_dtype(x.dtype)
-    m = values_per_channel(x)
-    grad_y = grad_y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    if values_per_channel(x) == 0:  # torch's BatchNorm backward cannot take an empty input
+        return _zero_stats(x), _zero_stats(x)
+    grad_y = _match_layout(grad_y, x)
+    _, sum_dy_xc, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        grad_y, x, None, None, None, batch_mean, torch.ones_like(batch_mean), True, 0.0,
+        [False, True, True])
+    return sum_dy.to(dtype), sum_dy_xc.to(dtype)
+
+
+def parameter_grads(mean, var, batch_mean, sum_dy, sum_dy_xc, eps):
+    """``grad_weight = sum(dy * xhat)`` and ``grad_bias = sum(dy)`` from the two sums, using
+    ``xhat = (x - batch_mean) * invstd + (batch_mean - mean) * invstd``."""
     invstd = torch.rsqrt(var + eps)
-    invstd_b = torch.rsqrt(batch_var + eps)
-    w = torch.ones_like(invstd) if weight is None else weight.to(dtype)
-    # (grad_x about the micro-batch statistics, sum(dy * xhat_b), sum(dy))
-    grad_x, sum_dy_xhat_b, sum_dy = torch.ops.aten.native_batch_norm_backward(
-        grad_y, x, w * invstd / invstd_b, None, None, batch_mean, invstd_b, True, eps,
-        [not exact, True, True])
-    sum_dy_xhat_b, sum_dy = sum_dy_xhat_b.to(dtype), sum_dy.to(dtype)
-    # xhat = xhat_b * invstd / invstd_b + (batch_mean - mean) * invstd
-    grad_weight = sum_dy_xhat_b * invstd / invstd_b + (batch_mean - mean) * invstd * sum_dy
+    return invstd * (sum_dy_xc + (batch_mean - mean) * sum_dy), sum_dy
+
+
+def backward_dx(grad_y, x, weight, mean, var, batch_mean, batch_var, b, sum_dy, sum_dy_xc, count, eps,
+                exact):
+    """``dx`` of SPEC section 4 from the two sums taken over ``count`` values per channel.
+
+    With ``g = dy * weight``, pooled ``xhat = (x - mean) * invstd`` and the micro-batch's own
+    ``xhat_b = (x - batch_mean) * invstd_b``:
+
+    - renorm: ``dx = invstd * (g - sum(g)/m - xhat_b * sum(g * xhat_b)/m)``;
+    - exact: ``dx = invstd * (g - (b/m) * sum(g) - xhat * (b/m) * sum(g * xhat))``.
+
+    Both are written ``coef_dy * dy + coef_xc * (x - batch_mean) + const`` per channel.
+    """
+    dtype = stats_dtype(x.dtype)
+    invstd = torch.rsqrt(var + eps)
+    coef_dy = invstd if weight is None else invstd * weight.to(dtype)
     if exact:
-        coef_dy = invstd * w
-        coef_sum = -coef_dy * b / m  # multiplies sum(dy) and, with xhat, sum(dy * xhat)
-        xhat = (x - channel_view(mean, x)) * channel_view(invstd, x)
-        grad_x = torch.addcmul(torch.addcmul(channel_view(coef_sum * sum_dy, x), xhat,
-                                             channel_view(coef_sum * grad_weight, x)),
-                               grad_y, channel_view(coef_dy, x))
-    return _like(grad_x.to(x.dtype), x), grad_weight, sum_dy
+        k = b / count
+        sum_dy_xhat, _ = parameter_grads(mean, var, batch_mean, sum_dy, sum_dy_xc, eps)
+        coef_xc = -coef_dy * k * sum_dy_xhat * invstd
+        const = -coef_dy * k * sum_dy + coef_xc * (batch_mean - mean)
+    else:
+        coef_xc = -coef_dy * sum_dy_xc / (count * (batch_var + eps))
+        const = -coef_dy * sum_dy / count
+    grad_y = _match_layout(grad_y, x)
+    centered = x - channel_view(batch_mean, x)
+    partial = torch.addcmul(channel_view(const, x), centered, channel_view(coef_xc, x))
+    grad_x = torch.empty_like(x)
+    torch.addcmul(partial, grad_y, channel_view(coef_dy, x), out=grad_x)
+    return grad_x
 
 
-def _memory_format(x):
+def backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact):
+    """Closed-form gradients of SPEC section 4 for one process, history held constant.
+
+    Returns ``(grad_x, grad_weight, grad_bias)``, the parameter gradients per channel in the statistics'
+    dtype. The renorm ``dx`` is BatchNorm's training backward about the micro-batch's own statistics
+    with the weight scaled by ``invstd / invstd_b``, so torch's fused BatchNorm backward computes it
+    and both sums in one call; ``backward_dx`` is the same formula written out.
+    """
+    if exact or values_per_channel(x) == 0:
+        sum_dy, sum_dy_xc = backward_sums(grad_y, x, batch_mean)
+        grad_x = backward_dx(grad_y, x, weight, mean, var, batch_mean, batch_var, b, sum_dy, sum_dy_xc,
+                             values_per_channel(x), eps, exact)
+    else:
+        dtype = stats_dtype(x.dtype)
+        invstd = torch.rsqrt(var + eps)
+        invstd_b = torch.rsqrt(batch_var + eps)
+        scale = invstd / invstd_b if weight is None else weight.to(dtype) * invstd / invstd_b
+        grad_x, sum_dy_xhat_b, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            _match_layout(grad_y, x), x, scale, None, None, batch_mean, invstd_b, True, eps,
+            [True, True, True])
+        grad_x = _like(grad_x, x)
+        sum_dy, sum_dy_xc = sum_dy.to(dtype), sum_dy_xhat_b.to(dtype) / invstd_b
+    grad_weight, grad_bias = parameter_grads(mean, var, batch_mean, sum_dy, sum_dy_xc, eps)
+    return grad_x, grad_weight, grad_bias
+
+
+def _zero_stats(x):
+    return torch.zeros(x.shape[1], dtype=stats_dtype(x.dtype), device=x.device)
+
+
+def _match_layout(grad_y, x):
+    """``grad_y`` in the dtype and memory format of ``x``: autograd may hand it over in another."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+        fmt = torch.channels_last
+    elif x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        fmt = torch.channels_last_3d
+    else:
+        fmt = torch.contiguous_format
+    return grad_y.to(x.dtype).contiguous(memory_format=fmt)

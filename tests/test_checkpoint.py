@@ -110,6 +110,8 @@ def test_convert_and_revert_keep_everything():
         assert torch.equal(model.state_dict()[name], value)
     assert torch.equal(model(x), expected)
 
+    ema = cmbn_ext.convert_batchnorm(torch.nn.BatchNorm2d(4), mode="ema", momentum=0.25)
+    assert ema.mode == "ema" and ema.momentum == 0.25
     assert type(cmbn_ext.convert_batchnorm(block3d)[0]) is cmbn_ext.CrossMiniBatchNorm3d
     assert block3d[0].track_running_stats is False
     single = cmbn_ext.convert_batchnorm(torch.nn.BatchNorm2d(4))

@@ -51,7 +51,7 @@ def test_dims_of_1d_and_3d():
     (dict(grad="autograd"), ValueError, "grad must be one of"),
     (dict(mode="ema", momentum=None), ValueError, "momentum"),
     (dict(mode="ema", momentum=1.5), ValueError, "momentum"),
-    (dict(process_group=object()), NotImplementedError, "process_group"),
+    (dict(process_group=object()), TypeError, "process_group must be"),
 ])
 def test_bad_options(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -128,3 +128,22 @@ def test_double_backward_is_refused_clearly():
     x = torch.randn(2, 3, 2, 2, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("case", ["fp32", "fp16-channels-last", "no-affine-ema", "1d"])
+def test_opcheck_phase_ops(case):
+    x, w, b, counts, mean_h, var_h, eps, ema, exact = _op_args(**OP_CASES[case])
+    x = x.detach()
+    ops = torch.ops.cmbn_ext
+    torch.library.opcheck(ops.cmbn_batch_stats.default, (x,))
+    batch_mean, batch_var = ops.cmbn_batch_stats(x)
+    count = torch.tensor(x.numel() // x.shape[1])
+    pooled_args = (x, w, b, count, batch_mean, batch_var, counts, mean_h, var_h, eps, ema)
+    torch.library.opcheck(ops.cmbn_pooled_forward.default, pooled_args)
+    with torch.no_grad():
+        _, mean, var, weight_b = ops.cmbn_pooled_forward(*pooled_args)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(ops.cmbn_backward_sums.default, (dy, x, batch_mean))
+    sum_dy, sum_dy_xc = ops.cmbn_backward_sums(dy, x, batch_mean)
+    torch.library.opcheck(ops.cmbn_backward_dx.default, (dy, x, w, mean, var, batch_mean, batch_var,
+                                                         weight_b, sum_dy, sum_dy_xc, count, eps, exact))

@@ -140,3 +140,44 @@ def test_exact_sum_xhat_is_not_zero_with_history():
     _, mean, var, _, _, _ = reference.forward(x, None, None, counts, mean_h, var_h, EPS, None)
     xhat = (x - mean[:, None]) * torch.rsqrt(var + EPS)[:, None]
     assert xhat.sum((0, 2)).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_empty_micro_batch_through_the_ops(exact):
+    """An empty input gets empty outputs and zero sums, never a crash (torch's BatchNorm backward
+    kernel itself cannot take one)."""
+    x = torch.empty(0, 3, 2, 2)
+    counts, mean_h, var_h = _history(3, [4, 4, 4], dtype=torch.float32)
+    y, mean, var, batch_mean, batch_var, b = torch.ops.cmbn_ext.cmbn_forward(
+        x, None, None, counts, mean_h, var_h, EPS, None, exact)
+    assert y.shape == x.shape and torch.equal(b, torch.zeros(3))
+    torch.testing.assert_close((mean, var), (mean_h[0], var_h[0]))  # history alone
+    dx, dweight, dbias = torch.ops.cmbn_ext.cmbn_backward(torch.empty_like(x), x, None, mean, var,
+                                                          batch_mean, batch_var, b, EPS, exact)
+    assert dx.shape == x.shape and torch.equal(dweight, torch.zeros(3)) and torch.equal(dbias, torch.zeros(3))
+    assert torch.equal(torch.ops.cmbn_ext.cmbn_backward_sums(x, x, batch_mean)[0], torch.zeros(3))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_phase_ops_compose_to_the_fused_ops(exact):
+    """batch_stats -> pooled_forward and backward_sums -> backward_dx, the phases the distributed path
+    splits the ops into, give what the fused ops give."""
+    C = 3
+    counts, mean_h, var_h = _history(C, [5, 0, 2])
+    x = torch.randn(4, C, 3, 2, dtype=torch.float64) * 2 + 1
+    w, bias = torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
+    fused = torch.ops.cmbn_ext.cmbn_forward(x, w, bias, counts, mean_h, var_h, EPS, None, exact)
+    batch_mean, batch_var = torch.ops.cmbn_ext.cmbn_batch_stats(x)
+    count = torch.tensor(x.numel() // C)
+    y, mean, var, b = torch.ops.cmbn_ext.cmbn_pooled_forward(x, w, bias, count, batch_mean, batch_var,
+                                                             counts, mean_h, var_h, EPS, None)
+    torch.testing.assert_close((y, mean, var, batch_mean, batch_var, b), fused)
+    dy = torch.randn_like(x)
+    dx, dweight, dbias = torch.ops.cmbn_ext.cmbn_backward(dy, x, w, mean, var, batch_mean, batch_var, b,
+                                                          EPS, exact)
+    sum_dy, sum_dy_xc = torch.ops.cmbn_ext.cmbn_backward_sums(dy, x, batch_mean)
+    torch.testing.assert_close(sum_dy, dbias)
+    torch.testing.assert_close(torch.ops.cmbn_ext.cmbn_backward_dx(
+        dy, x, w, mean, var, batch_mean, batch_var, b, sum_dy, sum_dy_xc, count, EPS, exact), dx)
+    torch.testing.assert_close(reference.parameter_grads(mean, var, batch_mean, sum_dy, sum_dy_xc, EPS),
+                               (dweight, dbias))

@@ -1,0 +1,121 @@
+"""process_group: every rank equals one process that sees the micro-batches of all ranks concatenated.
+
+Spawns 2 and 3 gloo processes on this machine. Each rank runs the same scenario on its share of every
+micro-batch and saves what it saw; the test compares with one process fed the concatenations.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import cmbn_ext
+
+CASES = [("cumulative", "renorm"), ("cumulative", "exact"), ("sliding", "renorm"), ("ema", "exact")]
+STEPS = 5
+C = 3
+
+
+def _sizes(world):
+    """Micro-batch rows per rank and step: unequal, with empty ranks."""
+    pattern = [[2, 1, 3], [1, 0, 2], [3, 2, 0], [2, 2, 1], [0, 3, 1]]
+    return [row[:world] for row in pattern]
+
+
+def _data(step, total):
+    generator = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(total, C, 2, 3, generator=generator, dtype=torch.float64) * (1 + step) + step
+    dy = torch.randn(total, C, 2, 3, generator=generator, dtype=torch.float64)
+    return x, dy
+
+
+def _layer(mode, grad, group=None):
+    layer = cmbn_ext.CrossMiniBatchNorm2d(C, mode=mode, window=3, grad=grad, process_group=group,
+                                          momentum=0.2).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        layer.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    return layer
+
+
+def _run(layer, x, dy):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    result = {"y": y.detach(), "dx": x.grad, "dweight": layer.weight.grad.clone(),
+              "dbias": layer.bias.grad.clone()}
+    layer.weight.grad = layer.bias.grad = None
+    return result
+
+
+def _worker(rank, world, store_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
+    results = {}
+    for mode, grad in CASES:
+        layer = _layer(mode, grad, dist.group.WORLD)
+        steps = []
+        for step, sizes in enumerate(_sizes(world)):
+            x, dy = _data(step, sum(sizes))
+            start = sum(sizes[:rank])
+            rows = slice(start, start + sizes[rank])
+            steps.append(_run(layer, x[rows], dy[rows]))
+        results[(mode, grad)] = {"steps": steps, "state": layer.state_dict()}
+
+    errors = {}
+    layer = _layer("cumulative", "renorm", dist.group.WORLD)
+    if rank == 1:
+        layer.window_step.fill_(1)  # as if this rank had missed a reset_window()
+    try:
+        layer(torch.randn(2, C, 2, 2, dtype=torch.float64))
+    except RuntimeError as error:
+        errors["window"] = str(error)
+    try:  # a gloo group cannot carry the tensors of another device
+        layer.to("meta")(torch.empty(2, C, 2, 2, dtype=torch.float64, device="meta"))
+    except (ValueError, RuntimeError) as error:
+        errors["backend"] = str(error)
+    results["errors"] = errors
+    torch.save(results, os.path.join(store_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_equal_one_process_on_the_concatenation(world, tmp_path):
+    mp.start_processes(_worker, args=(world, str(tmp_path)), nprocs=world, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for mode, grad in CASES:
+        single = _layer(mode, grad)
+        for step, sizes in enumerate(_sizes(world)):
+            x, dy = _data(step, sum(sizes))
+            expected = _run(single, x, dy)
+            start = 0
+            for rank, size in enumerate(sizes):
+                got = ranks[rank][(mode, grad)]["steps"][step]
+                rows = slice(start, start + size)
+                torch.testing.assert_close(got["y"], expected["y"][rows])
+                torch.testing.assert_close(got["dx"], expected["dx"][rows])
+                start += size
+            for name in ("dweight", "dbias"):  # each rank's own share; they add up
+                total = sum(ranks[r][(mode, grad)]["steps"][step][name] for r in range(world))
+                torch.testing.assert_close(total, expected[name])
+        for rank in range(world):
+            for name, value in single.state_dict().items():
+                torch.testing.assert_close(ranks[rank][(mode, grad)]["state"][name], value,
+                                           msg=f"{mode} {grad} rank {rank}: {name}")
+    for rank in range(world):
+        assert "disagree on the window position" in ranks[rank]["errors"]["window"]
+        assert "gloo backend" in ranks[rank]["errors"]["backend"]
+
+
+def test_ddp_example_runs_with_gloo():
+    """The README's data-parallel example, two CPU processes, a few steps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "ddp_accumulation.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", str(script), "--steps", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step   1  loss" in run.stdout and "held-out accuracy" in run.stdout
