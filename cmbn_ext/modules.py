@@ -1,16 +1,12 @@
 """The layers: ``CrossMiniBatchNorm1d``, ``CrossMiniBatchNorm2d`` and ``CrossMiniBatchNorm3d``.
 
 They subclass ``torch.nn.modules.batchnorm._BatchNorm`` (same parameters, buffers, ``state_dict`` keys
-and printing) and add the window state of SPEC section 5 as four buffers:
+and printing) and add the window state of SPEC section 5 as four buffers, ``window_count``,
+``window_mean``, ``window_var`` and ``window_step`` (``window_state.py`` says what they hold).
 
-- ``window_count`` (int64), ``window_mean``, ``window_var``: ``(S, C)`` history slots. Cumulative and EMA
-  modes use one slot (the window so far, or the exponential average); sliding mode a ring of
-  ``window - 1`` slots holding the previous micro-batches.
-- ``window_step`` (int64 scalar): micro-batches seen since the window started (cumulative), in all
-  (sliding: it picks the ring slot) or since the last reset (EMA).
-
-All state updates are tensor operations (``torch.where``, no Python branch on a tensor's value), so a
-model that contains the layer compiles with ``torch.compile(fullgraph=True)``.
+A training forward is two ops: ``cmbn_forward`` (autograd-aware, functional) and ``cmbn_update_state``
+(in place on the buffers). Neither branches in Python on a tensor's value, so a model that contains
+the layer compiles with ``torch.compile(fullgraph=True)``.
 """
 import torch
 import torch.nn.functional as F
@@ -19,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import ops  # noqa: F401  (registers torch.ops.cmbn_ext)
 from .distributed import GroupCrossMiniBatchNorm, check_group_matches
 from .reference import channel_view, values_per_channel
+from .window_state import commit_window
 
 MODES = ("cumulative", "sliding", "ema")
 GRADS = ("renorm", "exact")
@@ -158,72 +155,11 @@ class _CrossMiniBatchNorm(_BatchNorm):
 
     # ------------------------------------------------------------------------------------------- state
     def _update_state(self, m, mean, var, batch_mean, batch_var):
-        """Fold the micro-batch into the window and the running statistics (SPEC sections 5 and 6).
-
-        A channel whose statistics are not finite produces its output but enters no state.
-        """
-        finite = (torch.isfinite(mean) & torch.isfinite(var) & torch.isfinite(batch_mean)
-                  & torch.isfinite(batch_var))
-        pooled_count = self.window_count.sum(0) + m
-        if self.mode == "sliding":
-            self._push_to_ring(finite, m, batch_mean, batch_var)
-            self._update_running(torch.ones_like(finite[0]), finite, pooled_count, mean, var)
-            return
-        count = torch.where(finite, pooled_count, self.window_count[0])
-        mean = torch.where(finite, mean, self.window_mean[0])
-        var = torch.where(finite, var, self.window_var[0])
-        self.window_step.add_(1)
-        if self.mode == "ema":
-            self._write_window(count, mean, var)
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
-                self.running_var.copy_(torch.where(finite, var, self.running_var))
-            return
-        if self.window is None:
-            self._write_window(count, mean, var)
-            return
-        commit = self.window_step >= self.window
-        self._update_running(commit, torch.ones_like(finite), count, mean, var)
-        self._write_window(torch.where(commit, 0, count), torch.where(commit, 0, mean),
-                           torch.where(commit, 0, var))
-        self.window_step.copy_(torch.where(commit, 0, self.window_step))
-
-    def _write_window(self, count, mean, var):
-        self.window_count.copy_(count.unsqueeze(0))
-        self.window_mean.copy_(mean.unsqueeze(0))
-        self.window_var.copy_(var.unsqueeze(0))
-
-    def _push_to_ring(self, finite, m, batch_mean, batch_var):
-        """Sliding mode: the micro-batch's own statistics replace the oldest ring slot."""
-        slots = self.window_count.shape[0]
-        if slots:
-            slot = (self.window_step % slots).view(1)
-            self.window_count.index_copy_(0, slot, torch.where(finite, m, 0).unsqueeze(0))
-            self.window_mean.index_copy_(
-                0, slot, torch.where(finite, batch_mean, 0).to(self.window_mean.dtype).unsqueeze(0))
-            self.window_var.index_copy_(
-                0, slot, torch.where(finite, batch_var, 0).to(self.window_var.dtype).unsqueeze(0))
-        self.window_step.add_(1)
-
-    def _update_running(self, counted, valid, count, mean, var):
-        """BatchNorm's running update from pooled statistics of ``count`` values per channel.
-
-        ``counted`` (scalar bool) says whether this is a tracked batch at all; ``valid`` (per channel)
-        which channels have statistics to take. The variance is made unbiased with the pooled count.
-        """
-        if not self.track_running_stats:
-            return
-        self.num_batches_tracked.add_(counted.to(torch.long))
-        if self.momentum is None:  # cumulative moving average, as BatchNorm
-            factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(torch.float64)
-        else:
-            factor = self.momentum
-        valid = valid & counted & (count > 1)
-        bessel = (count.to(torch.float64) / (count - 1).clamp(min=1).to(torch.float64)).to(var.dtype)
-        for running, value in ((self.running_mean, mean), (self.running_var, var * bessel)):
-            updated = running + (factor * (value - running)).to(running.dtype)
-            running.copy_(torch.where(valid, updated, running))
+        """Fold the micro-batch into the window and the running statistics (``window_state.py``)."""
+        torch.ops.cmbn_ext.cmbn_update_state(
+            self.window_count, self.window_mean, self.window_var, self.window_step, self.running_mean,
+            self.running_var, self.num_batches_tracked, m, mean, var, batch_mean, batch_var, self.mode,
+            self.window if self.mode == "cumulative" else None, self.momentum)
 
     @torch.no_grad()
     def end_window(self):
@@ -232,11 +168,9 @@ class _CrossMiniBatchNorm(_BatchNorm):
         Only cumulative mode has windows to commit; an empty window commits nothing. In sliding and
         EMA modes this does nothing.
         """
-        if self.mode != "cumulative":
-            return
-        self._update_running(self.window_step > 0, torch.ones_like(self.window_count[0], dtype=torch.bool),
-                             self.window_count[0], self.window_mean[0], self.window_var[0])
-        self.reset_window()
+        if self.mode == "cumulative":
+            commit_window(self.window_count, self.window_mean, self.window_var, self.window_step,
+                          self.running_mean, self.running_var, self.num_batches_tracked, self.momentum)
 
     @torch.no_grad()
     def reset_window(self):

@@ -4,10 +4,11 @@
 the second to the first. The phase ops split them where the distributed path puts its collectives:
 ``cmbn_batch_stats`` then ``cmbn_pooled_forward`` in the forward, ``cmbn_backward_sums`` then
 ``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with an ``autograd.Function``).
+``cmbn_update_state`` folds a micro-batch into the layer's buffers, in place (``window_state.py``).
 
 The schemas are defined here, once. ``reference.py`` implements every op on the CPU, and on CUDA for
 each op the compiled extension ``cmbn_ext._C`` has no kernel for. Fakes make the ops traceable by
-``torch.compile``. All ops are functional: the layers update their buffers from the returned statistics.
+``torch.compile``. All ops but ``cmbn_update_state`` are functional.
 """
 import importlib
 import os
@@ -16,7 +17,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import reference, window_state
 
 _lib = torch.library.Library("cmbn_ext", "DEF")
 _lib.define(
@@ -43,6 +44,12 @@ _lib.define(
     "float eps, bool exact_grad) -> Tensor grad_x"
 )
 
+_lib.define(
+    "cmbn_update_state(Tensor(a!) window_count, Tensor(b!) window_mean, Tensor(c!) window_var, "
+    "Tensor(d!) window_step, Tensor(e!)? running_mean, Tensor(f!)? running_var, "
+    "Tensor(g!)? num_batches_tracked, SymInt m, Tensor mean, Tensor var, Tensor batch_mean, "
+    "Tensor batch_var, str layer_mode, int? window, float? momentum) -> ()"
+)
 
 
 def _load_kernels():
@@ -92,6 +99,7 @@ REFERENCE = {
     "cmbn_pooled_forward": _without_grad(reference.pooled_forward),
     "cmbn_backward_sums": _without_grad(reference.backward_sums),
     "cmbn_backward_dx": _without_grad(reference.backward_dx),
+    "cmbn_update_state": _without_grad(window_state.update_state),
 }
 for _name, _function in REFERENCE.items():
     _lib.impl(_name, _function, "CPU")
@@ -130,6 +138,13 @@ def _pooled_forward_fake(x, weight, bias, count, batch_mean, batch_var, history_
 @torch.library.register_fake("cmbn_ext::cmbn_backward_sums")
 def _backward_sums_fake(grad_y, x, batch_mean):
     return _channel_stats(x), _channel_stats(x)
+
+
+@torch.library.register_fake("cmbn_ext::cmbn_update_state")
+def _update_state_fake(window_count, window_mean, window_var, window_step, running_mean, running_var,
+                       num_batches_tracked, m, mean, var, batch_mean, batch_var, layer_mode, window,
+                       momentum):
+    return None
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_backward_dx")

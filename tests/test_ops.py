@@ -147,3 +147,17 @@ def test_opcheck_phase_ops(case):
     sum_dy, sum_dy_xc = ops.cmbn_backward_sums(dy, x, batch_mean)
     torch.library.opcheck(ops.cmbn_backward_dx.default, (dy, x, w, mean, var, batch_mean, batch_var,
                                                          weight_b, sum_dy, sum_dy_xc, count, eps, exact))
+
+
+@pytest.mark.parametrize("mode,slots,window,tracking", [
+    ("cumulative", 1, 2, True), ("cumulative", 1, None, False), ("sliding", 3, None, True),
+    ("ema", 1, None, True)])
+def test_opcheck_update_state(mode, slots, window, tracking):
+    """The state op declares every buffer it writes (opcheck's schema test runs it and compares)."""
+    C = 4
+    buffers = [torch.randint(0, 9, (slots, C)), torch.randn(slots, C), torch.rand(slots, C),
+               torch.tensor(1)]
+    running = [torch.randn(C), torch.rand(C) + 0.5, torch.tensor(3)] if tracking else [None] * 3
+    stats = [torch.randn(C), torch.rand(C) + 0.5, torch.randn(C), torch.rand(C) + 0.5]
+    torch.library.opcheck(torch.ops.cmbn_ext.cmbn_update_state.default,
+                          (*buffers, *running, 8, *stats, mode, window, 0.1))

@@ -1,0 +1,89 @@
+"""The layer's state update after a training micro-batch (SPEC sections 5 and 6), in plain PyTorch.
+
+The reference for ``torch.ops.cmbn_ext.cmbn_update_state``, which updates the buffers in place:
+
+- ``window_count`` (int64), ``window_mean``, ``window_var``: ``(S, C)`` history slots. Cumulative and EMA
+  modes use one slot (the window so far, or the exponential average); sliding mode a ring of
+  ``window - 1`` slots holding the previous micro-batches' own statistics.
+- ``window_step`` (int64 scalar): micro-batches since the window started (cumulative), in all (sliding:
+  it picks the ring slot), or since the last reset (EMA).
+- ``running_mean``, ``running_var``, ``num_batches_tracked``: BatchNorm's, or None.
+
+Every decision is a tensor operation (``torch.where``), never a Python branch on a tensor's value, so a
+compiled model keeps one graph. A channel whose statistics are not finite enters no state.
+"""
+import torch
+
+
+def update_running(running_mean, running_var, num_batches_tracked, counted, valid, count, mean, var,
+                   momentum):
+    """BatchNorm's running update from pooled statistics of ``count`` values per channel.
+
+    ``counted`` (scalar bool) says whether this is a tracked batch at all, ``valid`` (per channel) which
+    channels have statistics to take. The variance is made unbiased with the pooled count;
+    ``momentum=None`` is the cumulative average over tracked batches, as in BatchNorm.
+    """
+    if running_mean is None:
+        return
+    num_batches_tracked.add_(counted.to(torch.long))
+    if momentum is None:
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(torch.float64)
+    else:
+        factor = momentum
+    valid = valid & counted & (count > 1)
+    bessel = (count.to(torch.float64) / (count - 1).clamp(min=1).to(torch.float64)).to(var.dtype)
+    for running, value in ((running_mean, mean), (running_var, var * bessel)):
+        updated = running + (factor * (value - running)).to(running.dtype)
+        running.copy_(torch.where(valid, updated, running))
+
+
+def update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
+                 num_batches_tracked, m, mean, var, batch_mean, batch_var, mode, window, momentum):
+    """Fold one micro-batch into the window and the running statistics, in place.
+
+    ``m`` is the micro-batch's count per channel; ``mean``/``var`` the pooled statistics it was
+    normalized with; ``batch_mean``/``batch_var`` its own. ``window`` is the cumulative window length
+    (None: until ``end_window()``), ``momentum`` the layer's.
+    """
+    finite = (torch.isfinite(mean) & torch.isfinite(var) & torch.isfinite(batch_mean)
+              & torch.isfinite(batch_var))
+    pooled_count = window_count.sum(0) + m
+    if mode == "sliding":
+        slots = window_count.shape[0]
+        if slots:  # the micro-batch's own statistics replace the oldest slot
+            slot = (window_step % slots).view(1)
+            for buffer, value in ((window_count, m), (window_mean, batch_mean), (window_var, batch_var)):
+                buffer.index_copy_(0, slot, torch.where(finite, value, 0).to(buffer.dtype).unsqueeze(0))
+        window_step.add_(1)
+        update_running(running_mean, running_var, num_batches_tracked, torch.ones_like(finite[0]),
+                       finite, pooled_count, mean, var, momentum)
+        return
+    count = torch.where(finite, pooled_count, window_count[0])
+    mean = torch.where(finite, mean, window_mean[0])
+    var = torch.where(finite, var, window_var[0])
+    window_step.add_(1)
+    if mode == "ema":  # the running statistics are the pooled ones themselves
+        if running_mean is not None:
+            num_batches_tracked.add_(1)
+            running_mean.copy_(torch.where(finite, mean, running_mean))
+            running_var.copy_(torch.where(finite, var, running_var))
+    elif window is not None:  # cumulative: commit after the window-th micro-batch
+        commit = window_step >= window
+        update_running(running_mean, running_var, num_batches_tracked, commit, torch.ones_like(finite),
+                       count, mean, var, momentum)
+        count, mean, var = (torch.where(commit, 0, t) for t in (count, mean, var))
+        window_step.copy_(torch.where(commit, 0, window_step))
+    window_count.copy_(count.unsqueeze(0))
+    window_mean.copy_(mean.unsqueeze(0))
+    window_var.copy_(var.unsqueeze(0))
+
+
+def commit_window(window_count, window_mean, window_var, window_step, running_mean, running_var,
+                  num_batches_tracked, momentum):
+    """Cumulative mode's ``end_window()``: commit the window so far (nothing if it is empty) and empty
+    it."""
+    update_running(running_mean, running_var, num_batches_tracked, window_step > 0,
+                   torch.ones_like(window_count[0], dtype=torch.bool), window_count[0], window_mean[0],
+                   window_var[0], momentum)
+    for buffer in (window_count, window_mean, window_var, window_step):
+        buffer.zero_()
