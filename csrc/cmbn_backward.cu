@@ -1,0 +1,353 @@
+// The fused CmBN backward (SPEC section 4, reference.backward): the per-channel sums sum(dy) and
+// sum(dy * (x - batch_mean)), then dx = coef_dy * dy + coef_xc * (x - batch_mean) + const for either
+// gradient, grad_weight and grad_bias. One launch in the small regime, two otherwise (partial sums
+// into a workspace, then a pass that adds them in a fixed order and writes dx).
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cmbn_cuda.h"
+#include "device_utils.cuh"
+#include "host_utils.h"
+#include "kernel_types.h"
+#include "walkers.cuh"
+
+namespace cmbn {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* grad_y;  // in x's layout
+  const scalar_t* x;
+  scalar_t* grad_x;
+  AnyFloatVector weight;  // absent when affine=False
+  const acc_t* mean;      // (C,) statistics saved by the forward
+  const acc_t* var;
+  const acc_t* batch_mean;
+  const acc_t* batch_var;
+  const acc_t* current_weight;
+  acc_t eps;
+  bool exact;
+  acc_t* grad_weight;  // outputs, (C,)
+  acc_t* grad_bias;
+  acc_t* partial_sum_dy;  // workspace, (C, splits), only when splits > 1
+  acc_t* partial_sum_dy_xc;
+  Geometry geo;
+};
+
+template <typename acc_t>
+struct GradCoefficients {
+  acc_t coef_dy, coef_xc, constant;
+};
+
+// reference.backward for channel c once its two sums are known; the split-0 block writes the
+// parameter gradients.
+template <typename scalar_t, typename acc_t>
+__device__ GradCoefficients<acc_t> grad_coefficients(const BackwardArgs<scalar_t, acc_t>& args,
+                                                     int64_t c, const GradSums<acc_t>& sums,
+                                                     bool write_parameter_grads) {
+  const acc_t m = static_cast<acc_t>(args.geo.values_per_channel);
+  const acc_t invstd = reciprocal_sqrt(args.var[c] + args.eps);
+  const acc_t w = load_any_float<acc_t>(args.weight, c, acc_t(1));
+  // Pooled xhat = (x - mean) * invstd = ((x - batch_mean) + shift) * invstd.
+  const acc_t shift = args.batch_mean[c] - args.mean[c];
+  const acc_t grad_weight = invstd * (sums.dy_xc + shift * sums.dy);  // sum(dy * xhat)
+  if (write_parameter_grads) {
+    args.grad_weight[c] = grad_weight;
+    args.grad_bias[c] = sums.dy;
+  }
+  GradCoefficients<acc_t> k;
+  k.coef_dy = invstd * w;
+  if (args.exact) {
+    // dx = invstd * (g - (b/m) sum(g) - xhat (b/m) sum(g * xhat))
+    const acc_t b_over_m = args.current_weight[c] / m;
+    k.coef_xc = -k.coef_dy * invstd * b_over_m * grad_weight;
+    k.constant = -k.coef_dy * b_over_m * sums.dy + k.coef_xc * shift;
+  } else {
+    // dx = invstd * (g - sum(g)/m - xhat_b sum(g * xhat_b)/m), xhat_b = (x - batch_mean) * invstd_b
+    const acc_t invstd_b_sq = acc_t(1) / (args.batch_var[c] + args.eps);
+    k.coef_xc = -k.coef_dy * invstd_b_sq * sums.dy_xc / m;
+    k.constant = -k.coef_dy * sums.dy / m;
+  }
+  return k;
+}
+
+// One kernel for the three phases (see Phase), laid out like the forward kernel.
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+__global__ void __launch_bounds__(kBlockThreads)
+    cmbn_backward_kernel(const BackwardArgs<scalar_t, acc_t> args, const Phase phase) {
+  constexpr bool kRowLayout = L == Layout::kRows;
+  constexpr int kAccs = kRowLayout ? VEC : 1;  // channels one thread accumulates
+  constexpr int kEntries = kRowLayout ? kBlockThreads * VEC : kBlockThreads;
+  constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
+  __shared__ GradSums<acc_t> entries[kEntries];
+  __shared__ acc_t tile_coef_dy[kMaxTile];
+  __shared__ acc_t tile_coef_xc[kMaxTile];
+  __shared__ acc_t tile_constant[kMaxTile];
+
+  const Geometry& geo = args.geo;
+  const int thread = block_thread();
+  const int width = geo.tile_width;
+  const int64_t group = blockIdx.x;
+  const int split = blockIdx.y;
+  const int64_t first_channel = group * width;
+  const auto add = [](const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
+    return grad_sums_add(a, b);
+  };
+  int64_t offset[kUnroll];
+  bool valid[kUnroll];
+
+  // The batch mean of the thread's channel(s), subtracted from x in both passes.
+  acc_t batch_mean[kAccs];
+#pragma unroll
+  for (int a = 0; a < kAccs; ++a) {
+    const int64_t c = first_channel + (kRowLayout ? threadIdx.x * VEC + a : 0);
+    batch_mean[a] = c < geo.channels ? args.batch_mean[c] : acc_t(0);
+  }
+
+  if (phase != Phase::kApply) {
+    GradSums<acc_t> sums[kAccs];
+#pragma unroll
+    for (int a = 0; a < kAccs; ++a) sums[a] = GradSums<acc_t>{acc_t(0), acc_t(0)};
+    Walker<L, VEC> walker(geo, group, split);
+    while (walker.next(offset, valid)) {
+      Pack<scalar_t, VEC> x_pack[kUnroll];
+      Pack<scalar_t, VEC> dy_pack[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (valid[u]) {
+          x_pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
+          dy_pack[u] = load_pack<scalar_t, VEC>(args.grad_y + offset[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!valid[u]) continue;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const int a = kAccs == 1 ? 0 : v;
+          const acc_t dy = to_acc<acc_t>(dy_pack[u].v[v]);
+          sums[a].dy += dy;
+          sums[a].dy_xc += dy * (to_acc<acc_t>(x_pack[u].v[v]) - batch_mean[a]);
+        }
+      }
+    }
+#pragma unroll
+    for (int a = 0; a < kAccs; ++a) {
+      const int entry = kRowLayout ? threadIdx.y * width + threadIdx.x * VEC + a : thread;
+      entries[entry] = sums[a];
+    }
+    tree_reduce(entries, kRowLayout ? geo.rows_per_block : kBlockThreads, width, thread, add);
+    if (phase == Phase::kPartial) {
+      const int64_t c = first_channel + thread;
+      if (thread < width && c < geo.channels) {
+        const int64_t slot = c * geo.splits + split;
+        args.partial_sum_dy[slot] = entries[thread].dy;
+        args.partial_sum_dy_xc[slot] = entries[thread].dy_xc;
+      }
+      return;
+    }
+  } else {
+    // Add the splits' partial sums in a fixed order (see the forward kernel).
+    const int parts = kBlockThreads / width;
+    const int channel_in_tile = thread % width;
+    const int part = thread / width;
+    const int64_t c = first_channel + channel_in_tile;
+    GradSums<acc_t> sums{acc_t(0), acc_t(0)};
+    if (c < geo.channels) {
+      for (int s = part; s < geo.splits; s += parts) {
+        const int64_t slot = c * geo.splits + s;
+        sums = grad_sums_add(sums, GradSums<acc_t>{args.partial_sum_dy[slot],
+                                                   args.partial_sum_dy_xc[slot]});
+      }
+    }
+    entries[thread] = sums;  // == part * width + channel_in_tile
+    tree_reduce(entries, parts, width, thread, add);
+  }
+
+  if (thread < width) {
+    const int64_t c = first_channel + thread;
+    if (c < geo.channels) {
+      const GradCoefficients<acc_t> k = grad_coefficients(args, c, entries[thread], split == 0);
+      tile_coef_dy[thread] = k.coef_dy;
+      tile_coef_xc[thread] = k.coef_xc;
+      tile_constant[thread] = k.constant;
+    }
+  }
+  __syncthreads();
+
+  acc_t coef_dy[kAccs];
+  acc_t coef_xc[kAccs];
+  acc_t constant[kAccs];
+#pragma unroll
+  for (int a = 0; a < kAccs; ++a) {
+    const int index = kRowLayout ? threadIdx.x * VEC + a : 0;
+    const bool exists = first_channel + index < geo.channels;
+    coef_dy[a] = exists ? tile_coef_dy[index] : acc_t(0);
+    coef_xc[a] = exists ? tile_coef_xc[index] : acc_t(0);
+    constant[a] = exists ? tile_constant[index] : acc_t(0);
+  }
+  Walker<L, VEC> walker(geo, group, split);
+  while (walker.next(offset, valid)) {
+    Pack<scalar_t, VEC> x_pack[kUnroll];
+    Pack<scalar_t, VEC> dy_pack[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (valid[u]) {
+        x_pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
+        dy_pack[u] = load_pack<scalar_t, VEC>(args.grad_y + offset[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+      Pack<scalar_t, VEC> out;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const int a = kAccs == 1 ? 0 : v;
+        const acc_t centered = to_acc<acc_t>(x_pack[u].v[v]) - batch_mean[a];
+        const acc_t dx = coef_dy[a] * to_acc<acc_t>(dy_pack[u].v[v]) +
+                         (coef_xc[a] * centered + constant[a]);
+        out.v[v] = static_cast<scalar_t>(dx);
+      }
+      store_pack<scalar_t, VEC>(args.grad_x + offset[u], out);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
+                     const at::Tensor& x) {
+  args.geo = make_geometry(info, VEC, sizeof(scalar_t));
+  const Geometry& geo = args.geo;
+  const dim3 grid = grid_shape(geo);
+  const dim3 block = block_shape(geo, L);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (geo.splits == 1) {
+    cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kFused);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Workspace: two sums per channel and split, all written by the partial launch.
+  const int64_t slots = geo.channels * geo.splits;
+  const at::Tensor partial_sums =
+      at::empty({2, slots}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  args.partial_sum_dy = partial_sums.data_ptr<acc_t>();
+  args.partial_sum_dy_xc = args.partial_sum_dy + slots;
+  cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kPartial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kApply);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t>
+void dispatch_backward(const BackwardArgs<scalar_t, acc_t>& args, const LayoutInfo& info,
+                       const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& grad_x) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool aligned = is_aligned_16(x) && is_aligned_16(grad_y) && is_aligned_16(grad_x);
+  if (info.layout == Layout::kPlanes) {
+    if (aligned && info.inner % kVec == 0) {
+      launch_backward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x);
+    } else {
+      launch_backward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x);
+    }
+  } else {
+    if (aligned && info.channels % kVec == 0) {
+      launch_backward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x);
+    } else {
+      launch_backward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x);
+    }
+  }
+}
+
+// A (C,) statistic saved by the forward, in the statistics' dtype and contiguous (a no-op for the
+// tensors the forward returned).
+at::Tensor saved_statistic(const at::Tensor& t, const char* name, const at::Tensor& x,
+                           at::ScalarType dtype) {
+  const char* op = "cmbn_backward";
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be a float tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (",
+              x.size(1), ",), got ", t.sizes());
+  return t.to(dtype).contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch_mean,
+    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad) {
+  check_input("cmbn_backward", x, "x");
+  TORCH_CHECK(grad_y.device() == x.device(), "cmbn_backward: grad_y is on ", grad_y.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "cmbn_backward: grad_y must have the shape of x ",
+              x.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "cmbn_backward: grad_y must have the dtype of x (",
+              x.scalar_type(), "), got ", grad_y.scalar_type());
+  check_per_channel("cmbn_backward", weight, "weight", x, false);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+
+  const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
+  const at::Tensor mean_c = saved_statistic(mean, "mean", x, acc_dtype);
+  const at::Tensor var_c = saved_statistic(var, "var", x, acc_dtype);
+  const at::Tensor batch_mean_c = saved_statistic(batch_mean, "batch_mean", x, acc_dtype);
+  const at::Tensor batch_var_c = saved_statistic(batch_var, "batch_var", x, acc_dtype);
+  const at::Tensor b_c = saved_statistic(b, "b", x, acc_dtype);
+
+  const int64_t channels = x.size(1);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight = at::empty({channels}, x.options().dtype(acc_dtype));
+  at::Tensor grad_bias = at::empty({channels}, x.options().dtype(acc_dtype));
+  if (channels > 0) {
+    // x and grad_y are read in grad_x's layout (x's own when x is dense): a grad_y in another
+    // memory format (or expanded, as from y.sum()) is copied into it first.
+    at::Tensor x_work;
+    at::Tensor grad_y_work;
+    at::Tensor grad_x_work;
+    std::optional<LayoutInfo> info = describe_layout(grad_x);
+    if (info) {
+      x_work = with_layout_of(x, grad_x);
+      grad_y_work = with_layout_of(grad_y, grad_x);
+      grad_x_work = grad_x;
+    } else {
+      x_work = x.contiguous();
+      grad_y_work = grad_y.contiguous();
+      grad_x_work = at::empty_like(x_work);
+      info = describe_layout(grad_x_work);
+    }
+    const at::Tensor weight_c = contiguous_or_undefined(weight);
+
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_cuda", [&] {
+      using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+      BackwardArgs<scalar_t, acc_t> args{};
+      args.grad_y = grad_y_work.const_data_ptr<scalar_t>();
+      args.x = x_work.const_data_ptr<scalar_t>();
+      args.grad_x = grad_x_work.mutable_data_ptr<scalar_t>();
+      args.weight = any_float_vector(weight_c);
+      args.mean = mean_c.const_data_ptr<acc_t>();
+      args.var = var_c.const_data_ptr<acc_t>();
+      args.batch_mean = batch_mean_c.const_data_ptr<acc_t>();
+      args.batch_var = batch_var_c.const_data_ptr<acc_t>();
+      args.current_weight = b_c.const_data_ptr<acc_t>();
+      args.eps = static_cast<acc_t>(eps);
+      args.exact = exact_grad;
+      args.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
+      args.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
+      dispatch_backward<scalar_t, acc_t>(args, *info, x_work, grad_y_work, grad_x_work);
+    });
+    if (!grad_x_work.is_same(grad_x)) grad_x.copy_(grad_x_work);
+  }
+  // The fake returns empty_like(mean): match its dtype when mean came in another float dtype.
+  if (mean.scalar_type() != acc_dtype) {
+    grad_weight = grad_weight.to(mean.scalar_type());
+    grad_bias = grad_bias.to(mean.scalar_type());
+  }
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace cmbn

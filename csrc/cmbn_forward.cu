@@ -1,0 +1,406 @@
+// The fused CmBN forward: per-channel Welford statistics of the micro-batch, the pooling with the
+// history (SPEC section 2) and the normalization, in one launch (small regime) or two (a partial
+// reduction into a workspace, then a pass that merges it in a fixed order and normalizes).
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cmbn_cuda.h"
+#include "device_utils.cuh"
+#include "host_utils.h"
+#include "kernel_types.h"
+#include "walkers.cuh"
+
+namespace cmbn {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* x;
+  scalar_t* y;
+  AnyFloatVector weight;  // absent when affine=False
+  AnyFloatVector bias;
+  const int64_t* history_count;  // (S, C) contiguous
+  AnyFloatVector history_mean;   // (S, C) contiguous, any float dtype
+  AnyFloatVector history_var;
+  int64_t history_slots;  // S
+  acc_t eps;
+  bool has_ema;
+  double ema_momentum;
+  acc_t* mean;  // outputs, (C,)
+  acc_t* var;
+  acc_t* batch_mean;
+  acc_t* batch_var;
+  acc_t* current_weight;
+  int64_t* partial_count;  // workspace, (C, splits), only when splits > 1
+  acc_t* partial_mean;
+  acc_t* partial_m2;
+  Geometry geo;
+};
+
+// reference.pool: `b` weighs the second set, 1 - b the first; the between-set terms keep it exact.
+template <typename acc_t>
+__device__ __forceinline__ void pool_pair(acc_t mean_a, acc_t var_a, acc_t mean_b, acc_t var_b,
+                                          acc_t b, acc_t& mean, acc_t& var) {
+  const acc_t a = acc_t(1) - b;
+  mean = a * mean_a + b * mean_b;
+  const acc_t delta_a = mean_a - mean;
+  const acc_t delta_b = mean_b - mean;
+  var = a * (var_a + delta_a * delta_a) + b * (var_b + delta_b * delta_b);
+}
+
+template <typename acc_t>
+struct ChannelStatistics {
+  acc_t mean, var, batch_mean, batch_var, b;
+};
+
+// SPEC section 2 for channel c: the micro-batch's statistics, the history merged slot by slot as
+// reference.merge_history does, the weight b of the micro-batch, and the pooled statistics.
+template <typename scalar_t, typename acc_t>
+__device__ ChannelStatistics<acc_t> pooled_statistics(const ForwardArgs<scalar_t, acc_t>& args,
+                                                      int64_t c,
+                                                      const WelfordState<acc_t>& batch) {
+  ChannelStatistics<acc_t> s;
+  // An empty micro-batch has zero statistics (reference.batch_stats): they weigh nothing beside its
+  // count of 0.
+  s.batch_mean = batch.count > 0 ? batch.mean : acc_t(0);
+  s.batch_var = batch.count > 0 ? batch.m2 / static_cast<acc_t>(batch.count) : acc_t(0);
+
+  const int64_t channels = args.geo.channels;
+  int64_t history_count = 0;
+  acc_t history_mean = 0;
+  acc_t history_var = 0;
+  for (int64_t slot = 0; slot < args.history_slots; ++slot) {
+    const int64_t i = slot * channels + c;
+    const int64_t count = args.history_count[i];
+    history_count += count;
+    // The share of the slot in the running count, in fp64: counts may exceed 2^24.
+    const acc_t share = static_cast<acc_t>(static_cast<double>(count) /
+                                           static_cast<double>(history_count > 1 ? history_count : 1));
+    pool_pair(history_mean, history_var, load_any_float<acc_t>(args.history_mean, i, acc_t(0)),
+              load_any_float<acc_t>(args.history_var, i, acc_t(0)), share, history_mean,
+              history_var);
+  }
+  const int64_t m = args.geo.values_per_channel;
+  if (args.has_ema) {
+    s.b = history_count > 0 ? static_cast<acc_t>(args.ema_momentum) : acc_t(1);
+  } else {
+    s.b = static_cast<acc_t>(static_cast<double>(m) / static_cast<double>(history_count + m));
+  }
+  pool_pair(history_mean, history_var, s.batch_mean, s.batch_var, s.b, s.mean, s.var);
+  return s;
+}
+
+// Adds the valid values of kUnroll packs to the thread's summaries: a chunk's own mean and M2 first
+// (two passes over registers), then one Chan merge, so a division is paid per chunk, not per value.
+// kPlanes: all values belong to the thread's one channel; kRows: value v of a pack to channel v.
+template <typename acc_t, typename scalar_t, int VEC, int ACCS>
+__device__ __forceinline__ void accumulate_chunk(WelfordState<acc_t> (&state)[ACCS],
+                                                 const Pack<scalar_t, VEC> (&pack)[kUnroll],
+                                                 const bool (&valid)[kUnroll]) {
+#pragma unroll
+  for (int a = 0; a < ACCS; ++a) {
+    const int v_begin = ACCS == 1 ? 0 : a;
+    const int v_end = ACCS == 1 ? VEC : a + 1;
+    acc_t sum = 0;
+    int count = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+#pragma unroll
+      for (int v = v_begin; v < v_end; ++v) {
+        sum += to_acc<acc_t>(pack[u].v[v]);
+        ++count;
+      }
+    }
+    const acc_t chunk_mean = sum / static_cast<acc_t>(count);  // count > 0: pack 0 is valid
+    acc_t chunk_m2 = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+#pragma unroll
+      for (int v = v_begin; v < v_end; ++v) {
+        const acc_t d = to_acc<acc_t>(pack[u].v[v]) - chunk_mean;
+        chunk_m2 += d * d;
+      }
+    }
+    state[a] = welford_merge(state[a], WelfordState<acc_t>{chunk_mean, chunk_m2, count});
+  }
+}
+
+// One kernel for the three phases (see Phase). Block = one channel group (blockIdx.x) x one split
+// (blockIdx.y). Shared entries hold per-thread summaries at [part * tile_width + channel in tile].
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+__global__ void __launch_bounds__(kBlockThreads)
+    cmbn_forward_kernel(const ForwardArgs<scalar_t, acc_t> args, const Phase phase) {
+  constexpr bool kRowLayout = L == Layout::kRows;
+  constexpr int kAccs = kRowLayout ? VEC : 1;  // channels one thread accumulates
+  constexpr int kEntries = kRowLayout ? kBlockThreads * VEC : kBlockThreads;
+  constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
+  __shared__ WelfordState<acc_t> entries[kEntries];
+  __shared__ acc_t tile_mean[kMaxTile];
+  __shared__ acc_t tile_scale[kMaxTile];
+  __shared__ acc_t tile_bias[kMaxTile];
+
+  const Geometry& geo = args.geo;
+  const int thread = block_thread();
+  const int width = geo.tile_width;
+  const int64_t group = blockIdx.x;
+  const int split = blockIdx.y;
+  const int64_t first_channel = group * width;
+  const auto merge = [](const WelfordState<acc_t>& a, const WelfordState<acc_t>& b) {
+    return welford_merge(a, b);
+  };
+  int64_t offset[kUnroll];
+  bool valid[kUnroll];
+
+  if (phase != Phase::kApply) {
+    WelfordState<acc_t> state[kAccs];
+#pragma unroll
+    for (int a = 0; a < kAccs; ++a) state[a] = welford_empty<acc_t>();
+    Walker<L, VEC> walker(geo, group, split);
+    while (walker.next(offset, valid)) {
+      Pack<scalar_t, VEC> pack[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (valid[u]) pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
+      }
+      accumulate_chunk<acc_t, scalar_t, VEC, kAccs>(state, pack, valid);
+    }
+#pragma unroll
+    for (int a = 0; a < kAccs; ++a) {
+      const int entry = kRowLayout ? threadIdx.y * width + threadIdx.x * VEC + a : thread;
+      entries[entry] = state[a];
+    }
+    tree_reduce(entries, kRowLayout ? geo.rows_per_block : kBlockThreads, width, thread, merge);
+    if (phase == Phase::kPartial) {
+      const int64_t c = first_channel + thread;
+      if (thread < width && c < geo.channels) {
+        const int64_t slot = c * geo.splits + split;
+        args.partial_count[slot] = entries[thread].count;
+        args.partial_mean[slot] = entries[thread].mean;
+        args.partial_m2[slot] = entries[thread].m2;
+      }
+      return;
+    }
+  } else {
+    // Merge the splits' partials of each channel: thread (part, channel) takes splits part,
+    // part + parts, ... in order, then the fixed tree; every block of the group gets the same bits.
+    const int parts = kBlockThreads / width;
+    const int channel_in_tile = thread % width;
+    const int part = thread / width;
+    const int64_t c = first_channel + channel_in_tile;
+    WelfordState<acc_t> state = welford_empty<acc_t>();
+    if (c < geo.channels) {
+      for (int s = part; s < geo.splits; s += parts) {
+        const int64_t slot = c * geo.splits + s;
+        state = welford_merge(state, WelfordState<acc_t>{args.partial_mean[slot],
+                                                         args.partial_m2[slot],
+                                                         args.partial_count[slot]});
+      }
+    }
+    entries[thread] = state;  // == part * width + channel_in_tile
+    tree_reduce(entries, parts, width, thread, merge);
+  }
+
+  // Finalize: one thread per channel of the tile; the split-0 block writes the statistics.
+  if (thread < width) {
+    const int64_t c = first_channel + thread;
+    if (c < geo.channels) {
+      const ChannelStatistics<acc_t> s = pooled_statistics(args, c, entries[thread]);
+      if (split == 0) {
+        args.mean[c] = s.mean;
+        args.var[c] = s.var;
+        args.batch_mean[c] = s.batch_mean;
+        args.batch_var[c] = s.batch_var;
+        args.current_weight[c] = s.b;
+      }
+      const acc_t scale = reciprocal_sqrt(s.var + args.eps);
+      tile_mean[thread] = s.mean;
+      tile_scale[thread] = scale * load_any_float<acc_t>(args.weight, c, acc_t(1));
+      tile_bias[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
+    }
+  }
+  __syncthreads();
+
+  // Normalize: y = (x - mean) * (invstd * weight) + bias, stored in x's dtype and layout.
+  acc_t mean[kAccs];
+  acc_t scale[kAccs];
+  acc_t bias[kAccs];
+#pragma unroll
+  for (int a = 0; a < kAccs; ++a) {
+    const int index = kRowLayout ? threadIdx.x * VEC + a : 0;
+    const bool exists = first_channel + index < geo.channels;
+    mean[a] = exists ? tile_mean[index] : acc_t(0);
+    scale[a] = exists ? tile_scale[index] : acc_t(0);
+    bias[a] = exists ? tile_bias[index] : acc_t(0);
+  }
+  Walker<L, VEC> walker(geo, group, split);
+  while (walker.next(offset, valid)) {
+    Pack<scalar_t, VEC> pack[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (valid[u]) pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
+      Pack<scalar_t, VEC> out;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const int a = kAccs == 1 ? 0 : v;
+        out.v[v] = static_cast<scalar_t>((to_acc<acc_t>(pack[u].v[v]) - mean[a]) * scale[a] + bias[a]);
+      }
+      store_pack<scalar_t, VEC>(args.y + offset[u], out);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
+                    const at::Tensor& x) {
+  args.geo = make_geometry(info, VEC, sizeof(scalar_t));
+  const Geometry& geo = args.geo;
+  const dim3 grid = grid_shape(geo);
+  const dim3 block = block_shape(geo, L);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (geo.splits == 1) {
+    cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kFused);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Workspace: one (count, mean, M2) per channel and split; every entry is written by the partial
+  // launch before the apply launch reads it, so it needs no initialization.
+  const int64_t slots = geo.channels * geo.splits;
+  const at::Tensor partial_count = at::empty({slots}, x.options().dtype(at::kLong));
+  const at::Tensor partial_stats =
+      at::empty({2, slots}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  args.partial_count = partial_count.data_ptr<int64_t>();
+  args.partial_mean = partial_stats.data_ptr<acc_t>();
+  args.partial_m2 = args.partial_mean + slots;
+  cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kPartial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kApply);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Picks 16-byte packs when every pack is aligned and stays inside one plane (kPlanes) or one row's
+// channels (kRows), else one value at a time.
+template <typename scalar_t, typename acc_t>
+void dispatch_forward(const ForwardArgs<scalar_t, acc_t>& args, const LayoutInfo& info,
+                      const at::Tensor& x, const at::Tensor& y) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool aligned = is_aligned_16(x) && is_aligned_16(y);
+  if (info.layout == Layout::kPlanes) {
+    if (aligned && info.inner % kVec == 0) {
+      launch_forward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x);
+    } else {
+      launch_forward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x);
+    }
+  } else {
+    if (aligned && info.channels % kVec == 0) {
+      launch_forward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x);
+    } else {
+      launch_forward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x);
+    }
+  }
+}
+
+void check_history(const at::Tensor& x, const at::Tensor& count, const at::Tensor& mean,
+                   const at::Tensor& var) {
+  const char* op = "cmbn_forward";
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(count.scalar_type() == at::kLong, op, ": history_count must be int64, got ",
+              count.scalar_type());
+  TORCH_CHECK(count.dim() == 2 && count.size(1) == channels, op,
+              ": history_count must have shape (S, C) with C = ", channels, ", got ", count.sizes());
+  const auto check_like_count = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(t.sizes() == count.sizes(), op, ": ", name, " must have the shape of history_count ",
+                count.sizes(), ", got ", t.sizes());
+  };
+  check_like_count(count, "history_count");
+  check_like_count(mean, "history_mean");
+  check_like_count(var, "history_var");
+  TORCH_CHECK(is_supported_float(mean.scalar_type()), op,
+              ": history_mean must be a float tensor, got ", mean.scalar_type());
+  TORCH_CHECK(is_supported_float(var.scalar_type()), op,
+              ": history_var must be a float tensor, got ", var.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_forward_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& history_count,
+    const at::Tensor& history_mean, const at::Tensor& history_var, double eps,
+    std::optional<double> ema_momentum, bool exact_grad) {
+  (void)exact_grad;  // the forward is the same for both gradients
+  check_input("cmbn_forward", x, "x");
+  check_per_channel("cmbn_forward", weight, "weight", x, false);
+  check_per_channel("cmbn_forward", bias, "bias", x, false);
+  check_history(x, history_count, history_mean, history_var);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+
+  const int64_t channels = x.size(1);
+  const at::TensorOptions stat_options = x.options().dtype(stats_dtype(x.scalar_type()));
+  // y keeps x's strides exactly (as the fake does) whenever x is dense.
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({channels}, stat_options);
+  at::Tensor var = at::empty({channels}, stat_options);
+  at::Tensor batch_mean = at::empty({channels}, stat_options);
+  at::Tensor batch_var = at::empty({channels}, stat_options);
+  at::Tensor current_weight = at::empty({channels}, stat_options);
+  if (channels == 0) return {y, mean, var, batch_mean, batch_var, current_weight};
+  // An empty micro-batch (N == 0) still runs one launch with nothing to read: its statistics are
+  // zero and the pooled ones come from the history alone, as in the reference.
+
+  // Read x in y's layout; a layout the kernels cannot read (a dense but unusual permutation) is
+  // computed contiguously and copied into y.
+  at::Tensor x_work;
+  at::Tensor y_work;
+  std::optional<LayoutInfo> info = describe_layout(y);
+  if (info) {
+    x_work = with_layout_of(x, y);
+    y_work = y;
+  } else {
+    x_work = x.contiguous();
+    y_work = at::empty_like(x_work);
+    info = describe_layout(y_work);
+  }
+
+  const at::Tensor weight_c = contiguous_or_undefined(weight);
+  const at::Tensor bias_c = contiguous_or_undefined(bias);
+  const at::Tensor count_c = history_count.contiguous();
+  const at::Tensor mean_h = history_mean.contiguous();
+  const at::Tensor var_h = history_var.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_forward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    ForwardArgs<scalar_t, acc_t> args{};
+    args.x = x_work.const_data_ptr<scalar_t>();
+    args.y = y_work.mutable_data_ptr<scalar_t>();
+    args.weight = any_float_vector(weight_c);
+    args.bias = any_float_vector(bias_c);
+    args.history_count = count_c.const_data_ptr<int64_t>();
+    args.history_mean = any_float_vector(mean_h);
+    args.history_var = any_float_vector(var_h);
+    args.history_slots = count_c.size(0);
+    args.eps = static_cast<acc_t>(eps);
+    args.has_ema = ema_momentum.has_value();
+    args.ema_momentum = ema_momentum.value_or(0.0);
+    args.mean = mean.mutable_data_ptr<acc_t>();
+    args.var = var.mutable_data_ptr<acc_t>();
+    args.batch_mean = batch_mean.mutable_data_ptr<acc_t>();
+    args.batch_var = batch_var.mutable_data_ptr<acc_t>();
+    args.current_weight = current_weight.mutable_data_ptr<acc_t>();
+    dispatch_forward<scalar_t, acc_t>(args, *info, x_work, y_work);
+  });
+  if (!y_work.is_same(y)) y.copy_(y_work);
+  return {y, mean, var, batch_mean, batch_var, current_weight};
+}
+
+}  // namespace cmbn
