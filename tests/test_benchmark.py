@@ -1,0 +1,189 @@
+"""Smoke tests of the benchmark (bench/): the CPU section on tiny shapes with very few runs writes its
+JSON and markdown with finite numbers and the expected rows; the report builds its tables and targets
+from made-up GPU numbers; the GPU stages and the pure-PyTorch subprocess run on the CPU; profiler
+kernels are attributed to their windows. Timing never decides pass or fail here.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)  # bench/ holds scripts, not a package
+
+import benchmark  # noqa: E402
+import report  # noqa: E402
+import timing  # noqa: E402
+
+TINY_SHAPES = [[2, 8, 6, 6], [2, 4, 5, 5]]
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_cpu_section_writes_json_and_markdown(tmp_path):
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--quick",
+            "--shapes", ",".join("x".join(map(str, s)) for s in TINY_SHAPES)]
+    assert benchmark.main(argv) == 0
+    [json_name] = [n for n in os.listdir(tmp_path) if n.endswith(".json")]
+    assert json_name.startswith("cpu-") and (tmp_path / json_name.replace(".json", ".md")).exists()
+    document = json.loads((tmp_path / json_name).read_text())
+
+    assert document["meta"]["torch_version"] == torch.__version__
+    assert _finite(document["meta"]["copy_bandwidth_bytes_per_s"])
+    measured = {(tuple(r["shape"]), r["pass"], r["variant"]) for r in document["records"]}
+    expected = {(tuple(s), p, v) for s in TINY_SHAPES
+                for v, p in [("cmbn", "fwd"), ("cmbn", "fwd+bwd"), ("batchnorm", "fwd"),
+                             ("batchnorm", "fwd+bwd"), ("sample", "fwd")]}
+    assert measured == expected  # the article's sample is forward only
+    for record in document["records"]:
+        assert record.get("error") is None, record
+        assert all(_finite(record[k]) and record[k] > 0 for k in ("median_ms", "p25_ms", "p75_ms"))
+    assert [(r["shape"], r["pass"]) for r in document["rows"]] == [
+        (s, p) for s in TINY_SHAPES for p in ("fwd", "fwd+bwd")]
+    for row in document["rows"]:
+        assert _finite(row["ratios"]["CmBN/BN"]) and _finite(row["floor_ms"])
+    assert {t["target"] for t in document["targets"]} >= {
+        "reference fwd+bwd / BatchNorm2d (8, 64, 56, 56)", "reference fwd+bwd / BatchNorm2d, worst shape"}
+
+    text = (tmp_path / json_name.replace(".json", ".md")).read_text()
+    assert "## Targets" in text and "**Method.**" in text and "CmBN/BN" in text
+    for shape in TINY_SHAPES:
+        for pass_ in ("fwd", "fwd+bwd"):
+            assert f"| {report.shape_text(shape)} | fp32 | {pass_} |" in text
+
+
+def _fake_gpu_results():
+    records = []
+    for dtype, scale in (("fp16-cl", 0.5), ("fp32", 1.0)):
+        for shape, ms in (([8, 32, 512, 512], 1.0), ([8, 2048, 7, 7], 0.02)):
+            x_bytes = shape[0] * shape[1] * shape[2] * shape[3] * (2 if dtype == "fp16-cl" else 4)
+            for pass_, factor in (("fwd", 1.0), ("fwd+bwd", 2.5)):
+                base = ms * scale * factor
+                times = {"cmbn": base, "batchnorm": base * 1.1, "pure": base * 6}
+                for variant, t in times.items():
+                    records.append({"shape": shape, "dtype": dtype, "pass": pass_, "variant": variant,
+                                    "x_bytes": x_bytes, "median_ms": t, "p25_ms": t, "p75_ms": t,
+                                    "runs": 10, "launches": 2.0})
+                records.append({"shape": shape, "dtype": dtype, "pass": pass_, "variant": "compiled",
+                                "x_bytes": x_bytes, "launches": None,
+                                "error": "BackendCompilerFailed: made up"})
+    meta = {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "date": "today",
+            "torch_version": torch.__version__, "copy_bandwidth_bytes_per_s": 3.0e12,
+            "method": "made-up numbers", "notes": []}
+    return {"meta": meta, "variants": benchmark.GPU_VARIANTS, "records": records,
+            "e2e": [{"variant": "cmbn", "median_ms": 11.0, "p25_ms": 10.5, "p75_ms": 11.5, "runs": 10},
+                    {"variant": "batchnorm", "median_ms": 10.0, "p25_ms": 9.5, "p75_ms": 10.5, "runs": 10}],
+            "e2e_description": "made up"}
+
+
+def test_report_from_fake_gpu_numbers(tmp_path):
+    json_path, md_path, text = report.write(_fake_gpu_results(), str(tmp_path))
+    assert os.path.basename(md_path) == "nvidia-h100-80gb-hbm3.md"
+    document = json.loads(open(json_path).read())
+    targets = {t["target"]: t for t in document["targets"]}
+    versus_bn = targets["CmBN fwd+bwd / BatchNorm2d, median over shapes, fp32"]
+    assert versus_bn["measured"] == pytest.approx(1 / 1.1, abs=1e-3)
+    assert versus_bn["met"] is False and "missed by" in versus_bn["miss"]
+    versus_pure = targets["CmBN fwd+bwd speed-up over the pure-PyTorch path, median over shapes, fp16-cl"]
+    assert versus_pure["met"] is True and versus_pure["measured"] == pytest.approx(6.0)
+    floor = next(t for t in document["targets"] if t["target"].startswith("CmBN share of the memory"))
+    # Only the (8, 32, 512, 512) rows count; the worst is the fp32 forward: 2 * 268 MB / 3 TB/s / 1 ms.
+    assert floor["measured"] == pytest.approx(2 * 8 * 32 * 512 * 512 * 4 / 3.0e12 / 1e-3, abs=1e-3)
+    assert floor["met"] is False and "rows below" in floor["miss"]
+    assert "| (8, 2048, 7, 7) | fp32 | fwd+bwd |" in text and "| error |" in text
+    assert "compiled pure: BackendCompilerFailed: made up (8 rows" in text
+    assert "## End-to-end training step" in text and "| 1.10 |" in text
+
+
+def test_pure_subprocess_plumbing_on_cpu():
+    now = time.time()
+    records, e2e, notes = benchmark.run_pure_subprocess(
+        torch.device("cpu"), [((2, 4, 5, 5), "fp32")], benchmark.SETTINGS["quick"],
+        deadline=now + 120, eager_end=now + 60, compile_end=now + 90, compile_=False, e2e=False,
+        profile_launches=True)  # on the CPU the profiler counts nothing: only the plumbing runs
+    assert notes == [] and e2e == []
+    assert sorted(r["pass"] for r in records) == ["fwd", "fwd+bwd"]
+    assert all(r["variant"] == "pure" and _finite(r["median_ms"]) and r["launches"] is None
+               for r in records)
+
+
+def test_gpu_stages_run_on_the_cpu(tmp_path):
+    """The GPU part's orchestration (stages, the subprocess, merging, the report) with the CPU standing
+    in for the GPU: no CUDA event or profiler runs, every variant's row is filled."""
+    args = benchmark.parse_args(["--device", "cuda", "--out", str(tmp_path), "--quick", "--no-compile",
+                                 "--no-e2e", "--shapes", "2x4x5x5"])
+    results = {"meta": {"device_type": "cuda", "device_name": "stand-in", "method": "-", "notes": []},
+               "variants": benchmark.GPU_VARIANTS, "records": [], "e2e": [], "e2e_description": "-"}
+    configs = [(shape, dtype) for dtype in args.dtypes for shape in args.shapes]
+    benchmark.run_gpu(args, results, benchmark.SETTINGS["quick"], configs,
+                      lambda: report.write(results, str(tmp_path)), torch.device("cpu"))
+    measured = {(r["dtype"], r["pass"], r["variant"]) for r in results["records"] if not r.get("error")}
+    assert measured == {(d, p, v) for d in ("fp16-cl", "fp32") for p in ("fwd", "fwd+bwd")
+                        for v in ("cmbn", "batchnorm", "pure")}
+    text = report.write(results, str(tmp_path))[2]
+    assert "| (2, 4, 5, 5) | fp16-cl | fwd+bwd |" in text and "pure/CmBN" in text
+
+
+def test_parse_args():
+    args = benchmark.parse_args(["--device", "cpu"])
+    assert args.out.endswith(os.path.join("bench", "results"))
+    assert args.shapes == benchmark.CPU_SHAPES and args.dtypes == ["fp32"]
+    assert (8, 64, 56, 56) in args.shapes and (2, 256, 28, 28) in args.shapes
+    args = benchmark.parse_args(["--device", "cuda", "--out", "x", "--shapes", "2x3x4x5"])
+    assert args.shapes == [(2, 3, 4, 5)] and args.dtypes == ["fp16-cl", "fp32"] and args.budget_s == 140
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--device", "cpu", "--shapes", "2x3x4"])
+
+
+class _KinetoEvent:
+    """Stands for a raw kineto event (the methods timing.kernels_per_window reads)."""
+
+    def __init__(self, name, device, start, end, correlation=0, linked=0, activity="cpu_op"):
+        self._values = dict(name=name, device_type=device, start_ns=start, end_ns=end,
+                            correlation_id=correlation, linked_correlation_id=linked,
+                            activity_type=activity)
+
+    def __getattr__(self, name):
+        return lambda: self._values[name]
+
+
+def test_kernels_are_counted_per_window():
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    prefix = timing.WINDOW_PREFIX
+    events = [
+        _KinetoEvent("aten::randn", cpu, 0, 5, correlation=1),           # setup, outside the windows
+        _KinetoEvent("normal_kernel", cuda, 6, 7, linked=1, activity="kernel"),
+        _KinetoEvent(prefix + "0", cpu, 10, 100, correlation=2),
+        _KinetoEvent("cmbn_ext::cmbn_forward", cpu, 11, 20, correlation=3),
+        _KinetoEvent("cmbn_forward_kernel", cuda, 21, 30, linked=3, activity="kernel"),
+        _KinetoEvent("cmbn_forward_kernel", cuda, 31, 40, linked=3, activity="kernel"),
+        _KinetoEvent("Memset (Device)", cuda, 41, 42, linked=3, activity="gpu_memset"),
+        _KinetoEvent(prefix + "0", cuda, 10, 100, linked=2, activity="gpu_user_annotation"),
+        _KinetoEvent(prefix + "1", cpu, 200, 300, correlation=4),
+        _KinetoEvent("triton_red_fused", cuda, 210, 220, linked=4, activity="kernel"),  # no op: the window
+    ]
+    assert timing.kernels_per_window(events) == {0: 2, 1: 1}
+    assert timing.is_kernel_activity("kernel", "x") and not timing.is_kernel_activity("gpu_memcpy", "x")
+    assert timing.is_kernel_activity(None, "old_kernel")
+    assert not timing.is_kernel_activity(None, "Memcpy HtoD (Pageable -> Device)")
+    assert timing.count_kernels([lambda: (None, None)], torch.device("cpu")) == [None]
+
+
+def test_article_sample_is_forward_only():
+    layer = benchmark.ArticleSampleCrossBatchNorm(3)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    layer(x).sum().backward()
+    with pytest.raises(RuntimeError):  # its running statistics keep the first call's graph
+        layer(x).sum().backward()
+
+
+def test_results_stem():
+    assert report.results_stem("Intel(R) Xeon(R) Platinum 8480C CPU @ 2.0GHz", "cpu") == \
+        "cpu-intel-xeon-platinum-8480c"
+    assert report.results_stem("NVIDIA H200", "cuda") == "nvidia-h200"
