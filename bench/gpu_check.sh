@@ -65,14 +65,16 @@ skip_step() {
 } >"$OUT/environment.log" 2>&1
 cat "$OUT/environment.log"
 
-if [[ -z "${CUDA_HOME:-}" ]]; then
-    if command -v nvcc >/dev/null; then
-        CUDA_HOME="$(dirname "$(dirname "$(command -v nvcc)")")"
-    elif [[ -d /usr/local/cuda ]]; then
-        CUDA_HOME=/usr/local/cuda
+# The toolkit root: the first candidate that really holds the CUDA headers. A wrapper nvcc outside
+# the toolkit (/usr/local/bin/nvcc) would make torch guess /usr/local and fail to link -lcudart.
+for candidate in "${CUDA_HOME:-}" /usr/local/cuda \
+        "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent)")")")"; do
+    if [[ -n "$candidate" && -f "$candidate/include/cuda_runtime.h" ]]; then
+        export CUDA_HOME="$candidate"
+        break
     fi
-    export CUDA_HOME
-fi
+done
+echo "CUDA_HOME=${CUDA_HOME:-not found}" | tee -a "$OUT/environment.log"
 ARCH="$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)"
 export TORCH_CUDA_ARCH_LIST="${ARCH:-9.0}" MAX_JOBS=16 CMBN_BUILD_CUDA=1
 
