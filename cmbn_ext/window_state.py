@@ -55,7 +55,8 @@ def update_state(window_count, window_mean, window_var, window_step, running_mea
             for buffer, value in ((window_count, m), (window_mean, batch_mean), (window_var, batch_var)):
                 buffer.index_copy_(0, slot, torch.where(finite, value, 0).to(buffer.dtype).unsqueeze(0))
         window_step.add_(1)
-        update_running(running_mean, running_var, num_batches_tracked, torch.ones_like(finite[0]),
+        update_running(running_mean, running_var, num_batches_tracked,
+                       torch.ones((), dtype=torch.bool, device=finite.device),
                        finite, pooled_count, mean, var, momentum)
         return
     count = torch.where(finite, pooled_count, window_count[0])

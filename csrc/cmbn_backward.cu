@@ -1,7 +1,11 @@
-// The fused CmBN backward (SPEC section 4, reference.backward): the per-channel sums sum(dy) and
-// sum(dy * (x - batch_mean)), then dx = coef_dy * dy + coef_xc * (x - batch_mean) + const for either
-// gradient, grad_weight and grad_bias. One launch in the small regime, two otherwise (partial sums
-// into a workspace, then a pass that adds them in a fixed order and writes dx).
+// The CmBN backward family (SPEC section 4, reference.backward), one kernel for all three ops:
+//   cmbn_backward:      the per-channel sums sum(dy) and sum(dy * (x - batch_mean)), then
+//                       dx = coef_dy * dy + coef_xc * (x - batch_mean) + const for either gradient,
+//                       grad_weight and grad_bias; one launch in the small regime, two otherwise
+//                       (partial sums into a workspace, then a pass that adds them in a fixed order
+//                       and writes dx);
+//   cmbn_backward_sums: the same reduction, stopping at the two sums;
+//   cmbn_backward_dx:   dx alone, from sums the caller gives (all-reduced across processes).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -22,6 +26,7 @@ struct BackwardArgs {
   const scalar_t* grad_y;  // in x's layout
   const scalar_t* x;
   scalar_t* grad_x;
+  bool write_grad_x;      // false: the sums only (cmbn_backward_sums), grad_x unused
   AnyFloatVector weight;  // absent when affine=False
   const acc_t* mean;      // (C,) statistics saved by the forward
   const acc_t* var;
@@ -30,8 +35,13 @@ struct BackwardArgs {
   const acc_t* current_weight;
   acc_t eps;
   bool exact;
-  acc_t* grad_weight;  // outputs, (C,)
+  const int64_t* count;         // kGiven: values per channel of the whole group (device scalar)
+  const acc_t* given_sum_dy;     // kGiven: the group's two sums, (C,)
+  const acc_t* given_sum_dy_xc;
+  acc_t* grad_weight;  // outputs, (C,); null for cmbn_backward_sums and cmbn_backward_dx
   acc_t* grad_bias;
+  acc_t* sum_dy;       // outputs of cmbn_backward_sums, (C,)
+  acc_t* sum_dy_xc;
   acc_t* partial_sum_dy;  // workspace, (C, splits), only when splits > 1
   acc_t* partial_sum_dy_xc;
   Geometry geo;
@@ -42,13 +52,13 @@ struct GradCoefficients {
   acc_t coef_dy, coef_xc, constant;
 };
 
-// reference.backward for channel c once its two sums are known; the split-0 block writes the
-// parameter gradients.
+// reference.backward for channel c once its two sums over m values per channel are known; the split-0
+// block writes the parameter gradients.
 template <typename scalar_t, typename acc_t>
 __device__ GradCoefficients<acc_t> grad_coefficients(const BackwardArgs<scalar_t, acc_t>& args,
                                                      int64_t c, const GradSums<acc_t>& sums,
-                                                     bool write_parameter_grads) {
-  const acc_t m = static_cast<acc_t>(args.geo.values_per_channel);
+                                                     int64_t values, bool write_parameter_grads) {
+  const acc_t m = static_cast<acc_t>(values);
   const acc_t invstd = reciprocal_sqrt(args.var[c] + args.eps);
   const acc_t w = load_any_float<acc_t>(args.weight, c, acc_t(1));
   // Pooled xhat = (x - mean) * invstd = ((x - batch_mean) + shift) * invstd.
@@ -74,7 +84,7 @@ __device__ GradCoefficients<acc_t> grad_coefficients(const BackwardArgs<scalar_t
   return k;
 }
 
-// One kernel for the three phases (see Phase), laid out like the forward kernel.
+// One kernel for the four phases (see Phase), laid out like the forward kernel.
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
     cmbn_backward_kernel(const BackwardArgs<scalar_t, acc_t> args, const Phase phase) {
@@ -107,7 +117,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     batch_mean[a] = c < geo.channels ? args.batch_mean[c] : acc_t(0);
   }
 
-  if (phase != Phase::kApply) {
+  if (phase == Phase::kFused || phase == Phase::kPartial) {
     GradSums<acc_t> sums[kAccs];
 #pragma unroll
     for (int a = 0; a < kAccs; ++a) sums[a] = GradSums<acc_t>{acc_t(0), acc_t(0)};
@@ -149,7 +159,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
       return;
     }
-  } else {
+  } else if (phase == Phase::kApply) {
     // Add the splits' partial sums in a fixed order (see the forward kernel).
     const int parts = kBlockThreads / width;
     const int channel_in_tile = thread % width;
@@ -167,15 +177,30 @@ __global__ void __launch_bounds__(kBlockThreads)
     tree_reduce(entries, parts, width, thread, add);
   }
 
+  // Finalize: one thread per channel of the tile; the split-0 block writes the per-channel outputs.
   if (thread < width) {
     const int64_t c = first_channel + thread;
     if (c < geo.channels) {
-      const GradCoefficients<acc_t> k = grad_coefficients(args, c, entries[thread], split == 0);
-      tile_coef_dy[thread] = k.coef_dy;
-      tile_coef_xc[thread] = k.coef_xc;
-      tile_constant[thread] = k.constant;
+      const GradSums<acc_t> sums =
+          phase == Phase::kGiven
+              ? GradSums<acc_t>{args.given_sum_dy[c], args.given_sum_dy_xc[c]}
+              : entries[thread];
+      if (!args.write_grad_x) {
+        if (split == 0) {
+          args.sum_dy[c] = sums.dy;
+          args.sum_dy_xc[c] = sums.dy_xc;
+        }
+      } else {
+        const int64_t values = phase == Phase::kGiven ? *args.count : geo.values_per_channel;
+        const GradCoefficients<acc_t> k = grad_coefficients(
+            args, c, sums, values, split == 0 && args.grad_weight != nullptr);
+        tile_coef_dy[thread] = k.coef_dy;
+        tile_coef_xc[thread] = k.coef_xc;
+        tile_constant[thread] = k.constant;
+      }
     }
   }
+  if (!args.write_grad_x) return;  // the sums only (the same for every thread of the grid)
   __syncthreads();
 
   acc_t coef_dy[kAccs];
@@ -217,16 +242,20 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Launches the kernel over x and grad_y: `given` sums (kGiven) take one launch; otherwise the sums are
+// reduced in one fused launch or a partial launch into a workspace and an apply launch. Without dx
+// (the sums only) only the split-0 blocks of the apply launch have work.
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
-void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
-                     const at::Tensor& x) {
+void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, const at::Tensor& x,
+                     bool given) {
   args.geo = make_geometry(info, VEC, sizeof(scalar_t));
   const Geometry& geo = args.geo;
   const dim3 grid = grid_shape(geo);
   const dim3 block = block_shape(geo, L);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (geo.splits == 1) {
-    cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kFused);
+  if (given || geo.splits == 1) {
+    cmbn_backward_kernel<scalar_t, acc_t, L, VEC>
+        <<<grid, block, 0, stream>>>(args, given ? Phase::kGiven : Phase::kFused);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -238,42 +267,80 @@ void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
   args.partial_sum_dy_xc = args.partial_sum_dy + slots;
   cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kPartial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kApply);
+  const dim3 apply_grid = args.write_grad_x ? grid : dim3(grid.x, 1);
+  cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<apply_grid, block, 0, stream>>>(args, Phase::kApply);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// `grad_x` is undefined when nothing is written.
 template <typename scalar_t, typename acc_t>
 void dispatch_backward(const BackwardArgs<scalar_t, acc_t>& args, const LayoutInfo& info,
-                       const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& grad_x) {
+                       const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& grad_x,
+                       bool given) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = is_aligned_16(x) && is_aligned_16(grad_y) && is_aligned_16(grad_x);
+  const bool aligned = is_aligned_16(x) && is_aligned_16(grad_y) &&
+                       (!grad_x.defined() || is_aligned_16(grad_x));
   if (info.layout == Layout::kPlanes) {
     if (aligned && info.inner % kVec == 0) {
-      launch_backward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x);
+      launch_backward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x, given);
     } else {
-      launch_backward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x);
+      launch_backward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x, given);
     }
   } else {
     if (aligned && info.channels % kVec == 0) {
-      launch_backward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x);
+      launch_backward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x, given);
     } else {
-      launch_backward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x);
+      launch_backward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x, given);
     }
   }
 }
 
-// A (C,) statistic saved by the forward, in the statistics' dtype and contiguous (a no-op for the
-// tensors the forward returned).
-at::Tensor saved_statistic(const at::Tensor& t, const char* name, const at::Tensor& x,
+// A (C,) statistic saved by the forward (or a sum), in the statistics' dtype and contiguous (a no-op
+// for the tensors the ops return).
+at::Tensor saved_statistic(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x,
                            at::ScalarType dtype) {
-  const char* op = "cmbn_backward";
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
+  check_same_device(op, t, name, x);
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be a float tensor, got ",
               t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (",
               x.size(1), ",), got ", t.sizes());
   return t.to(dtype).contiguous();
+}
+
+void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x) {
+  check_same_device(op, grad_y, "grad_y", x);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x ", x.sizes(),
+              ", got ", grad_y.sizes());
+  TORCH_CHECK(is_supported_float(grad_y.scalar_type()), op, ": grad_y must be a float tensor, got ",
+              grad_y.scalar_type());
+}
+
+// The statistics saved by the forward, for the dx pass.
+struct SavedStatistics {
+  at::Tensor mean, var, batch_mean, batch_var, b;
+};
+
+SavedStatistics saved_statistics(const char* op, const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& var, const at::Tensor& batch_mean,
+                                 const at::Tensor& batch_var, const at::Tensor& b) {
+  const at::ScalarType dtype = stats_dtype(x.scalar_type());
+  return SavedStatistics{saved_statistic(op, mean, "mean", x, dtype),
+                         saved_statistic(op, var, "var", x, dtype),
+                         saved_statistic(op, batch_mean, "batch_mean", x, dtype),
+                         saved_statistic(op, batch_var, "batch_var", x, dtype),
+                         saved_statistic(op, b, "b", x, dtype)};
+}
+
+template <typename scalar_t, typename acc_t>
+void set_saved_args(BackwardArgs<scalar_t, acc_t>& args, const SavedStatistics& saved, double eps,
+                    bool exact_grad) {
+  args.mean = saved.mean.const_data_ptr<acc_t>();
+  args.var = saved.var.const_data_ptr<acc_t>();
+  args.batch_mean = saved.batch_mean.const_data_ptr<acc_t>();
+  args.batch_var = saved.batch_var.const_data_ptr<acc_t>();
+  args.current_weight = saved.b.const_data_ptr<acc_t>();
+  args.eps = static_cast<acc_t>(eps);
+  args.exact = exact_grad;
 }
 
 }  // namespace
@@ -282,22 +349,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch_mean,
     const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad) {
-  check_input("cmbn_backward", x, "x");
-  TORCH_CHECK(grad_y.device() == x.device(), "cmbn_backward: grad_y is on ", grad_y.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "cmbn_backward: grad_y must have the shape of x ",
-              x.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "cmbn_backward: grad_y must have the dtype of x (",
+  const char* op = "cmbn_backward";
+  check_input(op, x, "x");
+  check_grad_y(op, grad_y, x);
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
               x.scalar_type(), "), got ", grad_y.scalar_type());
-  check_per_channel("cmbn_backward", weight, "weight", x, false);
+  check_per_channel(op, weight, "weight", x, false);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
-  const at::Tensor mean_c = saved_statistic(mean, "mean", x, acc_dtype);
-  const at::Tensor var_c = saved_statistic(var, "var", x, acc_dtype);
-  const at::Tensor batch_mean_c = saved_statistic(batch_mean, "batch_mean", x, acc_dtype);
-  const at::Tensor batch_var_c = saved_statistic(batch_var, "batch_var", x, acc_dtype);
-  const at::Tensor b_c = saved_statistic(b, "b", x, acc_dtype);
+  const SavedStatistics saved = saved_statistics(op, x, mean, var, batch_mean, batch_var, b);
 
   const int64_t channels = x.size(1);
   at::Tensor grad_x = at::empty_like(x);
@@ -306,41 +367,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
   if (channels > 0) {
     // x and grad_y are read in grad_x's layout (x's own when x is dense): a grad_y in another
     // memory format (or expanded, as from y.sum()) is copied into it first.
-    at::Tensor x_work;
-    at::Tensor grad_y_work;
-    at::Tensor grad_x_work;
-    std::optional<LayoutInfo> info = describe_layout(grad_x);
-    if (info) {
-      x_work = with_layout_of(x, grad_x);
-      grad_y_work = with_layout_of(grad_y, grad_x);
-      grad_x_work = grad_x;
-    } else {
-      x_work = x.contiguous();
-      grad_y_work = grad_y.contiguous();
-      grad_x_work = at::empty_like(x_work);
-      info = describe_layout(grad_x_work);
-    }
+    const WorkTensors work = work_tensors(x, grad_x);
+    const at::Tensor grad_y_work = with_layout_of(grad_y, work.out);
     const at::Tensor weight_c = contiguous_or_undefined(weight);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_cuda", [&] {
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
       BackwardArgs<scalar_t, acc_t> args{};
       args.grad_y = grad_y_work.const_data_ptr<scalar_t>();
-      args.x = x_work.const_data_ptr<scalar_t>();
-      args.grad_x = grad_x_work.mutable_data_ptr<scalar_t>();
+      args.x = work.x.const_data_ptr<scalar_t>();
+      args.grad_x = work.out.mutable_data_ptr<scalar_t>();
+      args.write_grad_x = true;
       args.weight = any_float_vector(weight_c);
-      args.mean = mean_c.const_data_ptr<acc_t>();
-      args.var = var_c.const_data_ptr<acc_t>();
-      args.batch_mean = batch_mean_c.const_data_ptr<acc_t>();
-      args.batch_var = batch_var_c.const_data_ptr<acc_t>();
-      args.current_weight = b_c.const_data_ptr<acc_t>();
-      args.eps = static_cast<acc_t>(eps);
-      args.exact = exact_grad;
+      set_saved_args(args, saved, eps, exact_grad);
       args.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
       args.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
-      dispatch_backward<scalar_t, acc_t>(args, *info, x_work, grad_y_work, grad_x_work);
+      dispatch_backward<scalar_t, acc_t>(args, work.info, work.x, grad_y_work, work.out,
+                                         /*given=*/false);
     });
-    if (!grad_x_work.is_same(grad_x)) grad_x.copy_(grad_x_work);
+    if (!work.out.is_same(grad_x)) grad_x.copy_(work.out);
   }
   // The fake returns empty_like(mean): match its dtype when mean came in another float dtype.
   if (mean.scalar_type() != acc_dtype) {
@@ -348,6 +393,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
     grad_bias = grad_bias.to(mean.scalar_type());
   }
   return {grad_x, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> cmbn_backward_sums_cuda(const at::Tensor& grad_y,
+                                                           const at::Tensor& x,
+                                                           const at::Tensor& batch_mean) {
+  const char* op = "cmbn_backward_sums";
+  check_input(op, x, "x");
+  check_grad_y(op, grad_y, x);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
+  const at::Tensor batch_mean_c = saved_statistic(op, batch_mean, "batch_mean", x, acc_dtype);
+
+  const int64_t channels = x.size(1);
+  at::Tensor sum_dy = at::empty({channels}, x.options().dtype(acc_dtype));
+  at::Tensor sum_dy_xc = at::empty({channels}, x.options().dtype(acc_dtype));
+  if (channels == 0) return {sum_dy, sum_dy_xc};
+  // An empty x still launches once (C > 0): its sums are zero, written by the kernel. grad_y is read
+  // in x's dtype and layout, as the reference reads it.
+  const ReadableTensor readable_x = readable(x);
+  const at::Tensor& x_work = readable_x.x;
+  const LayoutInfo& info = readable_x.info;
+  const at::Tensor grad_y_work = with_layout_of(grad_y.to(x.scalar_type()), x_work);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_sums_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    BackwardArgs<scalar_t, acc_t> args{};
+    args.grad_y = grad_y_work.const_data_ptr<scalar_t>();
+    args.x = x_work.const_data_ptr<scalar_t>();
+    args.write_grad_x = false;
+    args.batch_mean = batch_mean_c.const_data_ptr<acc_t>();
+    args.sum_dy = sum_dy.mutable_data_ptr<acc_t>();
+    args.sum_dy_xc = sum_dy_xc.mutable_data_ptr<acc_t>();
+    dispatch_backward<scalar_t, acc_t>(args, info, x_work, grad_y_work, at::Tensor(), /*given=*/false);
+  });
+  return {sum_dy, sum_dy_xc};
+}
+
+at::Tensor cmbn_backward_dx_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                 const at::Tensor& var, const at::Tensor& batch_mean,
+                                 const at::Tensor& batch_var, const at::Tensor& b,
+                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xc,
+                                 const at::Tensor& count, double eps, bool exact_grad) {
+  const char* op = "cmbn_backward_dx";
+  check_input(op, x, "x");
+  check_grad_y(op, grad_y, x);
+  check_per_channel(op, weight, "weight", x, false);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
+  const SavedStatistics saved = saved_statistics(op, x, mean, var, batch_mean, batch_var, b);
+  const at::Tensor sum_dy_c = saved_statistic(op, sum_dy, "sum_dy", x, acc_dtype);
+  const at::Tensor sum_dy_xc_c = saved_statistic(op, sum_dy_xc, "sum_dy_xc", x, acc_dtype);
+  const at::Tensor count_d = device_count(op, count, x);
+
+  at::Tensor grad_x = at::empty_like(x);
+  if (x.numel() == 0) return grad_x;  // no values to write (and C == 0 has no grid)
+  const WorkTensors work = work_tensors(x, grad_x);
+  const at::Tensor grad_y_work = with_layout_of(grad_y.to(x.scalar_type()), work.out);
+  const at::Tensor weight_c = contiguous_or_undefined(weight);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_dx_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    BackwardArgs<scalar_t, acc_t> args{};
+    args.grad_y = grad_y_work.const_data_ptr<scalar_t>();
+    args.x = work.x.const_data_ptr<scalar_t>();
+    args.grad_x = work.out.mutable_data_ptr<scalar_t>();
+    args.write_grad_x = true;
+    args.weight = any_float_vector(weight_c);
+    set_saved_args(args, saved, eps, exact_grad);
+    args.count = count_d.const_data_ptr<int64_t>();
+    args.given_sum_dy = sum_dy_c.const_data_ptr<acc_t>();
+    args.given_sum_dy_xc = sum_dy_xc_c.const_data_ptr<acc_t>();
+    dispatch_backward<scalar_t, acc_t>(args, work.info, work.x, grad_y_work, work.out, /*given=*/true);
+  });
+  if (!work.out.is_same(grad_x)) grad_x.copy_(work.out);
+  return grad_x;
 }
 
 }  // namespace cmbn

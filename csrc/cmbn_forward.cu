@@ -1,6 +1,11 @@
-// The fused CmBN forward: per-channel Welford statistics of the micro-batch, the pooling with the
-// history (SPEC section 2) and the normalization, in one launch (small regime) or two (a partial
-// reduction into a workspace, then a pass that merges it in a fixed order and normalizes).
+// The CmBN forward family, one kernel for all three ops:
+//   cmbn_forward:        per-channel Welford statistics of the micro-batch, the pooling with the history
+//                        (SPEC section 2) and the normalization, in one launch (small regime) or two (a
+//                        partial reduction into a workspace, then a pass that merges it in a fixed order
+//                        and normalizes);
+//   cmbn_batch_stats:    the same reduction, stopping at the micro-batch's statistics;
+//   cmbn_pooled_forward: the pooling and normalization alone, from statistics the caller gives (merged
+//                        across processes in between).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -20,6 +25,7 @@ template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
   const scalar_t* x;
   scalar_t* y;
+  bool normalize;  // false: statistics only (cmbn_batch_stats), y unused
   AnyFloatVector weight;  // absent when affine=False
   AnyFloatVector bias;
   const int64_t* history_count;  // (S, C) contiguous
@@ -29,8 +35,11 @@ struct ForwardArgs {
   acc_t eps;
   bool has_ema;
   double ema_momentum;
-  acc_t* mean;  // outputs, (C,)
-  acc_t* var;
+  const int64_t* count;          // kGiven: values per channel of the whole group (device scalar)
+  const acc_t* given_batch_mean;  // kGiven: the group's micro-batch statistics, (C,)
+  const acc_t* given_batch_var;
+  acc_t* mean;  // outputs, (C,); statistics only writes batch_mean and batch_var alone, kGiven all
+  acc_t* var;   // but those two (null)
   acc_t* batch_mean;
   acc_t* batch_var;
   acc_t* current_weight;
@@ -56,17 +65,16 @@ struct ChannelStatistics {
   acc_t mean, var, batch_mean, batch_var, b;
 };
 
-// SPEC section 2 for channel c: the micro-batch's statistics, the history merged slot by slot as
-// reference.merge_history does, the weight b of the micro-batch, and the pooled statistics.
+// SPEC section 2 for channel c, given the micro-batch's statistics over m values per channel: the
+// history merged slot by slot as reference.merge_history does, the weight b of the micro-batch, and
+// the pooled statistics.
 template <typename scalar_t, typename acc_t>
 __device__ ChannelStatistics<acc_t> pooled_statistics(const ForwardArgs<scalar_t, acc_t>& args,
-                                                      int64_t c,
-                                                      const WelfordState<acc_t>& batch) {
+                                                      int64_t c, acc_t batch_mean, acc_t batch_var,
+                                                      int64_t m) {
   ChannelStatistics<acc_t> s;
-  // An empty micro-batch has zero statistics (reference.batch_stats): they weigh nothing beside its
-  // count of 0.
-  s.batch_mean = batch.count > 0 ? batch.mean : acc_t(0);
-  s.batch_var = batch.count > 0 ? batch.m2 / static_cast<acc_t>(batch.count) : acc_t(0);
+  s.batch_mean = batch_mean;
+  s.batch_var = batch_var;
 
   const int64_t channels = args.geo.channels;
   int64_t history_count = 0;
@@ -83,7 +91,6 @@ __device__ ChannelStatistics<acc_t> pooled_statistics(const ForwardArgs<scalar_t
               load_any_float<acc_t>(args.history_var, i, acc_t(0)), share, history_mean,
               history_var);
   }
-  const int64_t m = args.geo.values_per_channel;
   if (args.has_ema) {
     s.b = history_count > 0 ? static_cast<acc_t>(args.ema_momentum) : acc_t(1);
   } else {
@@ -130,7 +137,7 @@ __device__ __forceinline__ void accumulate_chunk(WelfordState<acc_t> (&state)[AC
   }
 }
 
-// One kernel for the three phases (see Phase). Block = one channel group (blockIdx.x) x one split
+// One kernel for the four phases (see Phase). Block = one channel group (blockIdx.x) x one split
 // (blockIdx.y). Shared entries hold per-thread summaries at [part * tile_width + channel in tile].
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -156,7 +163,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   int64_t offset[kUnroll];
   bool valid[kUnroll];
 
-  if (phase != Phase::kApply) {
+  if (phase == Phase::kFused || phase == Phase::kPartial) {
     WelfordState<acc_t> state[kAccs];
 #pragma unroll
     for (int a = 0; a < kAccs; ++a) state[a] = welford_empty<acc_t>();
@@ -185,7 +192,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
       return;
     }
-  } else {
+  } else if (phase == Phase::kApply) {
     // Merge the splits' partials of each channel: thread (part, channel) takes splits part,
     // part + parts, ... in order, then the fixed tree; every block of the group gets the same bits.
     const int parts = kBlockThreads / width;
@@ -209,20 +216,45 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (thread < width) {
     const int64_t c = first_channel + thread;
     if (c < geo.channels) {
-      const ChannelStatistics<acc_t> s = pooled_statistics(args, c, entries[thread]);
-      if (split == 0) {
-        args.mean[c] = s.mean;
-        args.var[c] = s.var;
-        args.batch_mean[c] = s.batch_mean;
-        args.batch_var[c] = s.batch_var;
-        args.current_weight[c] = s.b;
+      acc_t batch_mean;
+      acc_t batch_var;
+      int64_t m;
+      if (phase == Phase::kGiven) {
+        batch_mean = args.given_batch_mean[c];
+        batch_var = args.given_batch_var[c];
+        m = *args.count;
+      } else {
+        // An empty micro-batch has zero statistics (reference.batch_stats): they weigh nothing
+        // beside its count of 0.
+        const WelfordState<acc_t>& batch = entries[thread];
+        batch_mean = batch.count > 0 ? batch.mean : acc_t(0);
+        batch_var = batch.count > 0 ? batch.m2 / static_cast<acc_t>(batch.count) : acc_t(0);
+        m = geo.values_per_channel;
       }
-      const acc_t scale = reciprocal_sqrt(s.var + args.eps);
-      tile_mean[thread] = s.mean;
-      tile_scale[thread] = scale * load_any_float<acc_t>(args.weight, c, acc_t(1));
-      tile_bias[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
+      if (!args.normalize) {
+        if (split == 0) {
+          args.batch_mean[c] = batch_mean;
+          args.batch_var[c] = batch_var;
+        }
+      } else {
+        const ChannelStatistics<acc_t> s = pooled_statistics(args, c, batch_mean, batch_var, m);
+        if (split == 0) {
+          args.mean[c] = s.mean;
+          args.var[c] = s.var;
+          args.current_weight[c] = s.b;
+          if (args.batch_mean != nullptr) {
+            args.batch_mean[c] = s.batch_mean;
+            args.batch_var[c] = s.batch_var;
+          }
+        }
+        const acc_t scale = reciprocal_sqrt(s.var + args.eps);
+        tile_mean[thread] = s.mean;
+        tile_scale[thread] = scale * load_any_float<acc_t>(args.weight, c, acc_t(1));
+        tile_bias[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
+      }
     }
   }
+  if (!args.normalize) return;  // statistics only (the same for every thread of the grid)
   __syncthreads();
 
   // Normalize: y = (x - mean) * (invstd * weight) + bias, stored in x's dtype and layout.
@@ -258,16 +290,20 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Launches the kernel over x: `given` statistics (kGiven) take one launch; otherwise x is reduced in
+// one fused launch (one block per channel group) or a partial launch into a workspace and an apply
+// launch. Without an output (statistics only) only the split-0 blocks of the apply launch have work.
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
-void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
-                    const at::Tensor& x) {
+void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, const at::Tensor& x,
+                    bool given) {
   args.geo = make_geometry(info, VEC, sizeof(scalar_t));
   const Geometry& geo = args.geo;
   const dim3 grid = grid_shape(geo);
   const dim3 block = block_shape(geo, L);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (geo.splits == 1) {
-    cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kFused);
+  if (given || geo.splits == 1) {
+    cmbn_forward_kernel<scalar_t, acc_t, L, VEC>
+        <<<grid, block, 0, stream>>>(args, given ? Phase::kGiven : Phase::kFused);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -282,43 +318,42 @@ void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
   args.partial_m2 = args.partial_mean + slots;
   cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kPartial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kApply);
+  const dim3 apply_grid = args.normalize ? grid : dim3(grid.x, 1);
+  cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<apply_grid, block, 0, stream>>>(args, Phase::kApply);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Picks 16-byte packs when every pack is aligned and stays inside one plane (kPlanes) or one row's
-// channels (kRows), else one value at a time.
+// channels (kRows), else one value at a time. `y` is undefined when nothing is written.
 template <typename scalar_t, typename acc_t>
 void dispatch_forward(const ForwardArgs<scalar_t, acc_t>& args, const LayoutInfo& info,
-                      const at::Tensor& x, const at::Tensor& y) {
+                      const at::Tensor& x, const at::Tensor& y, bool given) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = is_aligned_16(x) && is_aligned_16(y);
+  const bool aligned = is_aligned_16(x) && (!y.defined() || is_aligned_16(y));
   if (info.layout == Layout::kPlanes) {
     if (aligned && info.inner % kVec == 0) {
-      launch_forward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x);
+      launch_forward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x, given);
     } else {
-      launch_forward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x);
+      launch_forward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x, given);
     }
   } else {
     if (aligned && info.channels % kVec == 0) {
-      launch_forward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x);
+      launch_forward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x, given);
     } else {
-      launch_forward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x);
+      launch_forward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x, given);
     }
   }
 }
 
-void check_history(const at::Tensor& x, const at::Tensor& count, const at::Tensor& mean,
-                   const at::Tensor& var) {
-  const char* op = "cmbn_forward";
+void check_history(const char* op, const at::Tensor& x, const at::Tensor& count,
+                   const at::Tensor& mean, const at::Tensor& var) {
   const int64_t channels = x.size(1);
   TORCH_CHECK(count.scalar_type() == at::kLong, op, ": history_count must be int64, got ",
               count.scalar_type());
   TORCH_CHECK(count.dim() == 2 && count.size(1) == channels, op,
               ": history_count must have shape (S, C) with C = ", channels, ", got ", count.sizes());
   const auto check_like_count = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-                x.device());
+    check_same_device(op, t, name, x);
     TORCH_CHECK(t.sizes() == count.sizes(), op, ": ", name, " must have the shape of history_count ",
                 count.sizes(), ", got ", t.sizes());
   };
@@ -331,6 +366,44 @@ void check_history(const at::Tensor& x, const at::Tensor& count, const at::Tenso
               ": history_var must be a float tensor, got ", var.scalar_type());
 }
 
+// The inputs of the pooling and normalization, contiguous, kept alive for the launch.
+struct PoolingInputs {
+  at::Tensor weight, bias, history_count, history_mean, history_var;
+};
+
+PoolingInputs pooling_inputs(const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& history_count,
+                             const at::Tensor& history_mean, const at::Tensor& history_var) {
+  return PoolingInputs{contiguous_or_undefined(weight), contiguous_or_undefined(bias),
+                       history_count.contiguous(), history_mean.contiguous(),
+                       history_var.contiguous()};
+}
+
+template <typename scalar_t, typename acc_t>
+void set_pooling_args(ForwardArgs<scalar_t, acc_t>& args, const PoolingInputs& in, double eps,
+                      std::optional<double> ema_momentum) {
+  args.weight = any_float_vector(in.weight);
+  args.bias = any_float_vector(in.bias);
+  args.history_count = in.history_count.const_data_ptr<int64_t>();
+  args.history_mean = any_float_vector(in.history_mean);
+  args.history_var = any_float_vector(in.history_var);
+  args.history_slots = in.history_count.size(0);
+  args.eps = static_cast<acc_t>(eps);
+  args.has_ema = ema_momentum.has_value();
+  args.ema_momentum = ema_momentum.value_or(0.0);
+}
+
+// A (C,) statistic the caller gives, in the statistics' dtype and contiguous (a no-op for the
+// tensors cmbn_batch_stats returns).
+at::Tensor given_statistic(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_same_device(op, t, name, x);
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be a float tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (",
+              x.size(1), ",), got ", t.sizes());
+  return t.to(stats_dtype(x.scalar_type())).contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_forward_cuda(
@@ -339,10 +412,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& history_mean, const at::Tensor& history_var, double eps,
     std::optional<double> ema_momentum, bool exact_grad) {
   (void)exact_grad;  // the forward is the same for both gradients
-  check_input("cmbn_forward", x, "x");
-  check_per_channel("cmbn_forward", weight, "weight", x, false);
-  check_per_channel("cmbn_forward", bias, "bias", x, false);
-  check_history(x, history_count, history_mean, history_var);
+  const char* op = "cmbn_forward";
+  check_input(op, x, "x");
+  check_per_channel(op, weight, "weight", x, false);
+  check_per_channel(op, bias, "bias", x, false);
+  check_history(op, x, history_count, history_mean, history_var);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const int64_t channels = x.size(1);
@@ -358,49 +432,98 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // An empty micro-batch (N == 0) still runs one launch with nothing to read: its statistics are
   // zero and the pooled ones come from the history alone, as in the reference.
 
-  // Read x in y's layout; a layout the kernels cannot read (a dense but unusual permutation) is
-  // computed contiguously and copied into y.
-  at::Tensor x_work;
-  at::Tensor y_work;
-  std::optional<LayoutInfo> info = describe_layout(y);
-  if (info) {
-    x_work = with_layout_of(x, y);
-    y_work = y;
-  } else {
-    x_work = x.contiguous();
-    y_work = at::empty_like(x_work);
-    info = describe_layout(y_work);
-  }
-
-  const at::Tensor weight_c = contiguous_or_undefined(weight);
-  const at::Tensor bias_c = contiguous_or_undefined(bias);
-  const at::Tensor count_c = history_count.contiguous();
-  const at::Tensor mean_h = history_mean.contiguous();
-  const at::Tensor var_h = history_var.contiguous();
+  const WorkTensors work = work_tensors(x, y);
+  const PoolingInputs in = pooling_inputs(weight, bias, history_count, history_mean, history_var);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_forward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     ForwardArgs<scalar_t, acc_t> args{};
-    args.x = x_work.const_data_ptr<scalar_t>();
-    args.y = y_work.mutable_data_ptr<scalar_t>();
-    args.weight = any_float_vector(weight_c);
-    args.bias = any_float_vector(bias_c);
-    args.history_count = count_c.const_data_ptr<int64_t>();
-    args.history_mean = any_float_vector(mean_h);
-    args.history_var = any_float_vector(var_h);
-    args.history_slots = count_c.size(0);
-    args.eps = static_cast<acc_t>(eps);
-    args.has_ema = ema_momentum.has_value();
-    args.ema_momentum = ema_momentum.value_or(0.0);
+    args.x = work.x.const_data_ptr<scalar_t>();
+    args.y = work.out.mutable_data_ptr<scalar_t>();
+    args.normalize = true;
+    set_pooling_args(args, in, eps, ema_momentum);
     args.mean = mean.mutable_data_ptr<acc_t>();
     args.var = var.mutable_data_ptr<acc_t>();
     args.batch_mean = batch_mean.mutable_data_ptr<acc_t>();
     args.batch_var = batch_var.mutable_data_ptr<acc_t>();
     args.current_weight = current_weight.mutable_data_ptr<acc_t>();
-    dispatch_forward<scalar_t, acc_t>(args, *info, x_work, y_work);
+    dispatch_forward<scalar_t, acc_t>(args, work.info, work.x, work.out, /*given=*/false);
   });
-  if (!y_work.is_same(y)) y.copy_(y_work);
+  if (!work.out.is_same(y)) y.copy_(work.out);
   return {y, mean, var, batch_mean, batch_var, current_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor> cmbn_batch_stats_cuda(const at::Tensor& x) {
+  const char* op = "cmbn_batch_stats";
+  check_input(op, x, "x");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t channels = x.size(1);
+  const at::TensorOptions stat_options = x.options().dtype(stats_dtype(x.scalar_type()));
+  at::Tensor batch_mean = at::empty({channels}, stat_options);
+  at::Tensor batch_var = at::empty({channels}, stat_options);
+  if (channels == 0) return {batch_mean, batch_var};
+  // An empty x still launches once (C > 0): its statistics are zero, written by the kernel.
+  const ReadableTensor readable_x = readable(x);
+  const at::Tensor& x_work = readable_x.x;
+  const LayoutInfo& info = readable_x.info;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_batch_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    ForwardArgs<scalar_t, acc_t> args{};
+    args.x = x_work.const_data_ptr<scalar_t>();
+    args.normalize = false;
+    args.batch_mean = batch_mean.mutable_data_ptr<acc_t>();
+    args.batch_var = batch_var.mutable_data_ptr<acc_t>();
+    dispatch_forward<scalar_t, acc_t>(args, info, x_work, at::Tensor(), /*given=*/false);
+  });
+  return {batch_mean, batch_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& count, const at::Tensor& batch_mean,
+    const at::Tensor& batch_var, const at::Tensor& history_count, const at::Tensor& history_mean,
+    const at::Tensor& history_var, double eps, std::optional<double> ema_momentum) {
+  const char* op = "cmbn_pooled_forward";
+  check_input(op, x, "x");
+  check_per_channel(op, weight, "weight", x, false);
+  check_per_channel(op, bias, "bias", x, false);
+  check_history(op, x, history_count, history_mean, history_var);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::Tensor count_d = device_count(op, count, x);
+  const at::Tensor batch_mean_c = given_statistic(op, batch_mean, "batch_mean", x);
+  const at::Tensor batch_var_c = given_statistic(op, batch_var, "batch_var", x);
+
+  const int64_t channels = x.size(1);
+  const at::TensorOptions stat_options = x.options().dtype(stats_dtype(x.scalar_type()));
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({channels}, stat_options);
+  at::Tensor var = at::empty({channels}, stat_options);
+  at::Tensor current_weight = at::empty({channels}, stat_options);
+  if (channels == 0) return {y, mean, var, current_weight};
+  // x may be empty while the group's count is not (this rank had no values): the launch then only
+  // writes the pooled statistics, one block per channel group.
+
+  const WorkTensors work = work_tensors(x, y);
+  const PoolingInputs in = pooling_inputs(weight, bias, history_count, history_mean, history_var);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_pooled_forward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+    ForwardArgs<scalar_t, acc_t> args{};
+    args.x = work.x.const_data_ptr<scalar_t>();
+    args.y = work.out.mutable_data_ptr<scalar_t>();
+    args.normalize = true;
+    set_pooling_args(args, in, eps, ema_momentum);
+    args.count = count_d.const_data_ptr<int64_t>();
+    args.given_batch_mean = batch_mean_c.const_data_ptr<acc_t>();
+    args.given_batch_var = batch_var_c.const_data_ptr<acc_t>();
+    args.mean = mean.mutable_data_ptr<acc_t>();
+    args.var = var.mutable_data_ptr<acc_t>();
+    args.current_weight = current_weight.mutable_data_ptr<acc_t>();
+    dispatch_forward<scalar_t, acc_t>(args, work.info, work.x, work.out, /*given=*/true);
+  });
+  if (!work.out.is_same(y)) y.copy_(work.out);
+  return {y, mean, var, current_weight};
 }
 
 }  // namespace cmbn

@@ -116,6 +116,34 @@ __device__ __forceinline__ acc_t load_any_float(const AnyFloatVector& vector, in
   }
 }
 
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_any_float(const AnyFloatBuffer& buffer, int64_t i,
+                                                acc_t fallback) {
+  return load_any_float<acc_t>(AnyFloatVector{buffer.data, buffer.kind}, i, fallback);
+}
+
+// Stores `value` rounded to the buffer's dtype, as a tensor's .to(dtype) rounds it (fp64 goes through
+// fp32 on its way to half, on the CPU as here). Nothing is stored into an absent buffer.
+template <typename acc_t>
+__device__ __forceinline__ void store_any_float(const AnyFloatBuffer& buffer, int64_t i, acc_t value) {
+  switch (buffer.kind) {
+    case FloatKind::kHalf:
+      static_cast<c10::Half*>(buffer.data)[i] = c10::Half(static_cast<float>(value));
+      break;
+    case FloatKind::kBFloat16:
+      static_cast<c10::BFloat16*>(buffer.data)[i] = c10::BFloat16(static_cast<float>(value));
+      break;
+    case FloatKind::kFloat:
+      static_cast<float*>(buffer.data)[i] = static_cast<float>(value);
+      break;
+    case FloatKind::kDouble:
+      static_cast<double*>(buffer.data)[i] = static_cast<double>(value);
+      break;
+    default:
+      break;
+  }
+}
+
 __device__ __forceinline__ float reciprocal_sqrt(float value) { return rsqrtf(value); }
 __device__ __forceinline__ double reciprocal_sqrt(double value) { return rsqrt(value); }
 

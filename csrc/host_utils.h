@@ -63,21 +63,29 @@ inline bool is_aligned_16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-inline AnyFloatVector any_float_vector(const at::Tensor& t) {
-  if (!t.defined()) return AnyFloatVector{nullptr, FloatKind::kAbsent};
+inline FloatKind float_kind(const at::Tensor& t) {
+  if (!t.defined()) return FloatKind::kAbsent;
   switch (t.scalar_type()) {
     case at::kHalf:
-      return AnyFloatVector{t.data_ptr(), FloatKind::kHalf};
+      return FloatKind::kHalf;
     case at::kBFloat16:
-      return AnyFloatVector{t.data_ptr(), FloatKind::kBFloat16};
+      return FloatKind::kBFloat16;
     case at::kFloat:
-      return AnyFloatVector{t.data_ptr(), FloatKind::kFloat};
+      return FloatKind::kFloat;
     case at::kDouble:
-      return AnyFloatVector{t.data_ptr(), FloatKind::kDouble};
+      return FloatKind::kDouble;
     default:
       TORCH_CHECK(false, "cmbn_ext: unsupported dtype ", t.scalar_type());
   }
-  return AnyFloatVector{nullptr, FloatKind::kAbsent};
+  return FloatKind::kAbsent;
+}
+
+inline AnyFloatVector any_float_vector(const at::Tensor& t) {
+  return AnyFloatVector{t.defined() ? t.const_data_ptr() : nullptr, float_kind(t)};
+}
+
+inline AnyFloatBuffer any_float_buffer(const at::Tensor& t) {
+  return AnyFloatBuffer{t.defined() ? t.mutable_data_ptr() : nullptr, float_kind(t)};
 }
 
 inline bool is_supported_float(at::ScalarType dtype) {
@@ -114,6 +122,52 @@ inline void check_per_channel(const char* op, const std::optional<at::Tensor>& t
 
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// Where a kernel reads `x` and writes `out` (= empty_like(x)): `out` itself when the kernels read its
+// layout (x is copied only if its strides differ), else contiguous scratch tensors whose result the
+// caller copies into `out` afterwards (a dense but unusual permutation).
+struct WorkTensors {
+  at::Tensor x;
+  at::Tensor out;
+  LayoutInfo info;
+};
+
+inline WorkTensors work_tensors(const at::Tensor& x, const at::Tensor& out) {
+  if (std::optional<LayoutInfo> info = describe_layout(out)) {
+    return WorkTensors{with_layout_of(x, out), out, *info};
+  }
+  at::Tensor x_contiguous = x.contiguous();
+  at::Tensor out_contiguous = at::empty_like(x_contiguous);
+  return WorkTensors{x_contiguous, out_contiguous, *describe_layout(out_contiguous)};
+}
+
+// `x` itself when the kernels read its layout, else a contiguous copy (for the ops that only reduce).
+struct ReadableTensor {
+  at::Tensor x;
+  LayoutInfo info;
+};
+
+inline ReadableTensor readable(const at::Tensor& x) {
+  if (std::optional<LayoutInfo> info = describe_layout(x)) return ReadableTensor{x, *info};
+  at::Tensor x_contiguous = x.contiguous();
+  return ReadableTensor{x_contiguous, *describe_layout(x_contiguous)};
+}
+
+// A 0-dim int64 count (the whole group's values per channel) as a device pointer the kernels read, so
+// the host never waits for it. A count on the CPU (a caller's scalar) is copied over.
+inline at::Tensor device_count(const char* op, const at::Tensor& count, const at::Tensor& x) {
+  TORCH_CHECK(count.scalar_type() == at::kLong, op, ": count must be int64, got ", count.scalar_type());
+  TORCH_CHECK(count.numel() == 1, op, ": count must hold one value, got shape ", count.sizes());
+  TORCH_CHECK(count.is_cpu() || count.device() == x.device(), op, ": count is on ", count.device(),
+              " but x is on ", x.device());
+  return count.to(x.device()).contiguous();
+}
+
+inline void check_same_device(const char* op, const at::Tensor& t, const char* name,
+                              const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -16,11 +16,14 @@ constexpr int kMaxSplits = 1024;    // blocks per channel group, at most (bounds
 //            value (row r, channel c) at (r * C + c), rows = N * prod(spatial).
 enum class Layout : int { kPlanes, kRows };
 
-// What one launch of a kernel does (one kernel template serves all three).
+// What one launch of a kernel does (one kernel template serves all four).
 //   kFused:   a block owns whole channels: reduce, finalize and write the output in one launch.
 //   kPartial: a block reduces its share of a channel group into the workspace.
 //   kApply:   a block merges the workspace in a fixed order, finalizes and writes its share.
-enum class Phase : int { kFused, kPartial, kApply };
+//   kGiven:   the caller gives the per-channel statistics (the phase ops, whose statistics were merged
+//             across processes in between): no reduction, finalize and write the output.
+// A launch with no elementwise output (cmbn_batch_stats, cmbn_backward_sums) stops after finalizing.
+enum class Phase : int { kFused, kPartial, kApply, kGiven };
 
 // How the values of each channel are spread over the grid: gridDim = (channel_groups, splits).
 struct Geometry {
@@ -43,6 +46,12 @@ enum class FloatKind : int { kAbsent, kHalf, kBFloat16, kFloat, kDouble };
 
 struct AnyFloatVector {
   const void* data;
+  FloatKind kind;
+};
+
+// The same for a vector the kernel writes (the layer's buffers).
+struct AnyFloatBuffer {
+  void* data;
   FloatKind kind;
 };
 

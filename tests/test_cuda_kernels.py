@@ -1,6 +1,9 @@
-"""The compiled CUDA kernels against the reference math, run in fp64 on CPU copies of the same input.
+"""The compiled CUDA kernels against the reference math, run in fp64 on CPU copies of the same input
+(the state update against window_state on CPU copies of the same buffers, in their own dtypes).
 
-Covers every mode (count-weighted and EMA pooling; history of 0, 1 and 3 slots with empty slots),
+Covers every op (the fused forward and backward, the distributed path's phase ops with a group count
+other than x's own, the in-place state update of every mode, window and dtype with non-finite
+channels), every mode (count-weighted and EMA pooling; history of 0, 1 and 3 slots with empty slots),
 dtype (fp16, bf16, fp32, fp64, AMP fp32 parameters with half input, no affine), layout (contiguous,
 channels_last, channels_last_3d, (N, C), (N, C, L)), both gradients, many odd shapes, the split
 regimes, more than 2^24 values per channel, bitwise determinism, opcheck, torch.compile and the layer
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 import cmbn_ext
-from cmbn_ext import reference
+from cmbn_ext import reference, window_state
 
 if not torch.cuda.is_available() or not cmbn_ext.has_cuda_kernels():
     pytest.skip("needs a GPU and the compiled CUDA kernels (cmbn_ext._C)", allow_module_level=True)
@@ -64,10 +67,12 @@ def sum_tol(m, dtype):
     return 1e-4, 4e-5 * m ** 0.5 + 1e-4
 
 
-def poison_cuda_allocator(nbytes=1 << 20):
+def poison_cuda_allocator(nbytes=1 << 20, channels=0):
     """Leave 0xFF bytes (NaN in every float dtype) in the caching allocator's free blocks, so that
-    tensors allocated next start as NaN and an element a kernel never writes fails the test."""
+    tensors allocated next start as NaN and an element a kernel never writes fails the test. Blocks of
+    the size of the per-channel outputs (``channels`` fp64 values and less) are poisoned too."""
     sizes = [max(nbytes, 1 << 20)] * 3 + [n for n in (512, 4096, 65536, 262144) for _ in range(8)]
+    sizes += [channels * 8] * 16 + [channels * 4] * 16 if channels else []
     junk = [torch.full((n,), 255, dtype=torch.uint8, device="cuda") for n in sizes]
     del junk
 
@@ -106,12 +111,12 @@ def cpu64(t):
 
 
 def run_forward(x, weight, bias, history, ema):
-    poison_cuda_allocator(x.numel() * x.element_size())
+    poison_cuda_allocator(x.numel() * x.element_size(), x.shape[1])
     return FORWARD(x, weight, bias, *history, EPS, ema, False)
 
 
 def run_backward(grad_y, x, weight, stats, exact):
-    poison_cuda_allocator(x.numel() * x.element_size())
+    poison_cuda_allocator(x.numel() * x.element_size(), x.shape[1])
     return BACKWARD(grad_y, x, weight, *stats, EPS, exact)
 
 
@@ -191,7 +196,7 @@ SHAPES = [
     ((2, 3, 256, 256), "huge-ish M, few channels"),
     ((4096, 3), "many rows, 3 channels"),
     ((100003, 8), "many rows, odd count"),
-    ((3, 40, 9, 9), "C not a multiple of the pack"),
+    ((3, 42, 9, 9), "C not a multiple of the pack"),
 ]
 
 
@@ -230,6 +235,24 @@ def test_misaligned_and_strided_inputs():
         check_against_reference(x, weight, bias, random_history(1, 8, torch.float32), None)
 
 
+def test_misaligned_inputs_that_would_take_16_byte_loads():
+    """Shapes whose planes (inner size a multiple of the pack) or rows (C a multiple of the pack)
+    would be read with 16-byte loads if the data were aligned: only the alignment check stops them."""
+    planes = random_input((1 + 2 * 8 * 8 * 8,), torch.float16)[1:].view(2, 8, 8, 8)
+    buffer = random_input((1 + 2 * 16 * 4 * 4,), torch.float32)
+    rows = buffer[1:].as_strided((2, 16, 4, 4), (256, 1, 64, 16))  # channels_last, offset by 4 bytes
+    assert rows.is_contiguous(memory_format=torch.channels_last)
+    for x in (planes, rows):
+        assert x.data_ptr() % 16
+        weight, bias = random_parameters(x.shape[1], x.dtype)
+        check_against_reference(x, weight, bias, random_history(1, x.shape[1], torch.float32), None)
+    aligned = random_input((2, 8, 8, 8), torch.float16)
+    misaligned_grad = random_input((1 + aligned.numel(),), torch.float16, seed=5)[1:].view(aligned.shape)
+    weight, bias = random_parameters(8, torch.float16)
+    check_against_reference(aligned, weight, bias, random_history(1, 8, torch.float32), None,
+                            misaligned_grad)
+
+
 def test_expanded_grad_y():
     """The gradient of y.sum() arrives expanded (stride 0): it is made to match x's layout."""
     x = random_input((4, 6, 5, 5), torch.float32, torch.channels_last)
@@ -263,6 +286,35 @@ def test_more_than_2_pow_24_values_per_channel(shape):
     assert torch.allclose(batch_var, torch.full_like(batch_var, 1.5 ** 2), rtol=0.01)  # randn * 1.5
 
 
+@pytest.mark.parametrize("shape", [(2 ** 31 // 8 + 64, 8), (1, 1, 2 ** 31 + 64)], ids=["rows", "planes"])
+def test_more_than_2_pow_31_elements(shape):
+    """int64 indexing: offsets beyond 2^31 elements (4 GiB of fp16). The statistics are checked against
+    fp64 sums taken on the GPU in chunks, y at both ends of the tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    C = shape[1]
+    empty = torch.zeros(1, C, dtype=torch.long, device="cuda")
+    y, _, _, batch_mean, batch_var, _ = FORWARD(x, None, None, empty, empty.float(), empty.float(), EPS,
+                                                None, False)
+    values = x.view(-1, C) if x.dim() == 2 else x.view(-1, 1)
+    total = torch.zeros(C, dtype=torch.float64, device="cuda")
+    squares = torch.zeros_like(total)
+    for chunk in values.split(1 << 26):
+        chunk = chunk.double()
+        total += chunk.sum(0)
+        squares += (chunk * chunk).sum(0)
+    m = values.shape[0]
+    mean = total / m
+    var = squares / m - mean * mean  # fine in fp64 for unit-variance data
+    torch.testing.assert_close(batch_mean.double(), mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch_var.double(), var, rtol=1e-5, atol=0)
+    flat_x, flat_y = values, y.view(values.shape)
+    for rows in (slice(0, 1 << 20), slice(m - (1 << 20), m)):
+        expected = (flat_x[rows].float() - batch_mean) * torch.rsqrt(batch_var + EPS)
+        torch.testing.assert_close(flat_y[rows].float(), expected.half().float(), rtol=2e-3, atol=2e-3)
+    del x, y
+
+
 # ------------------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("shape,memory_format", [
     ((2, 3, 256, 256), torch.contiguous_format),  # split over many blocks
@@ -279,7 +331,7 @@ def test_bitwise_deterministic(shape, memory_format, dtype):
     runs = []
     for _ in range(3):
         out = run_forward(x, weight, bias, history, None)
-        grads = run_backward(grad_y, x, weight, out[1:], True)
+        grads = [g for exact in (False, True) for g in run_backward(grad_y, x, weight, out[1:], exact)]
         runs.append([t.clone() for t in (*out, *grads)])
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
@@ -315,6 +367,372 @@ def test_bad_arguments_name_the_argument():
         FORWARD(x.to(torch.int32), None, None, count, mean, var, EPS, None, False)
     with pytest.raises(RuntimeError, match="history_var"):
         FORWARD(x, None, None, count, mean, var[:, :5], EPS, None, False)
+
+
+# ------------------------------------------------------------------------------------- phase ops
+# The distributed path's split of the fused ops: cmbn_batch_stats -> (collective) -> cmbn_pooled_forward
+# and cmbn_backward_sums -> (collective) -> cmbn_backward_dx. `count` is the whole group's values per
+# channel, a 0-dim int64 device tensor, usually larger than x's own m.
+BATCH_STATS = torch.ops.cmbn_ext.cmbn_batch_stats
+POOLED_FORWARD = torch.ops.cmbn_ext.cmbn_pooled_forward
+BACKWARD_SUMS = torch.ops.cmbn_ext.cmbn_backward_sums
+BACKWARD_DX = torch.ops.cmbn_ext.cmbn_backward_dx
+
+
+def group_statistics(batch_mean, batch_var):
+    """Statistics as if merged with other ranks: close to this rank's, but not equal to them."""
+    shift = torch.linspace(-0.2, 0.3, batch_mean.numel(), device=batch_mean.device, dtype=batch_mean.dtype)
+    return batch_mean + shift, batch_var * 1.25 + 0.05
+
+
+def check_phase_ops(x, weight, bias, history, ema, grad_y=None, group_scale=3):
+    """Each phase op against its reference in fp64, with a group count of group_scale * m + 1."""
+    dtype = x.dtype
+    stat_dtype = reference.stats_dtype(dtype)
+    channels = x.shape[1]
+    m = reference.values_per_channel(x)
+    history64 = (history[0].cpu(), cpu64(history[1]), cpu64(history[2]))
+
+    poison_cuda_allocator(x.numel() * x.element_size())
+    batch_mean, batch_var = BATCH_STATS(x)
+    for s in (batch_mean, batch_var):
+        assert s.dtype == stat_dtype and s.shape == (channels,)
+    want = reference.batch_stats(cpu64(x))
+    assert_close(batch_mean, want[0], STAT_TOL[stat_dtype], "batch_stats mean")
+    assert_close(batch_var, want[1], STAT_TOL[stat_dtype], "batch_stats var")
+
+    count = torch.tensor(group_scale * m + 1, device="cuda")
+    group_mean, group_var = group_statistics(batch_mean, batch_var)
+    poison_cuda_allocator(x.numel() * x.element_size())
+    y, mean, var, b = POOLED_FORWARD(x, weight, bias, count, group_mean, group_var, *history, EPS, ema)
+    assert y.dtype == dtype and y.shape == x.shape
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        assert y.stride() == x.stride(), "y must keep x's memory format"
+    want = reference.pooled_forward(cpu64(x), cpu64(weight), cpu64(bias), count.cpu(), cpu64(group_mean),
+                                    cpu64(group_var), *history64, EPS, ema)
+    assert_close(y, want[0], OUTPUT_TOL[dtype], "pooled_forward y")
+    for name, actual, expected in zip(("mean", "var", "b"), (mean, var, b), want[1:]):
+        assert actual.dtype == stat_dtype and actual.shape == (channels,)
+        assert_close(actual, expected, STAT_TOL[stat_dtype], f"pooled_forward {name}")
+
+    if grad_y is None:
+        grad_y = random_input(x.shape, dtype, seed=7, offset=0.0, scale=1.0)
+    # The distributed path takes the sums about the group's mean.
+    poison_cuda_allocator(x.numel() * x.element_size())
+    sum_dy, sum_dy_xc = BACKWARD_SUMS(grad_y, x, group_mean)
+    want = reference.backward_sums(cpu64(grad_y), cpu64(x), cpu64(group_mean))
+    assert_close(sum_dy, want[0], sum_tol(m, stat_dtype), "backward_sums sum_dy")
+    assert_close(sum_dy_xc, want[1], sum_tol(m, stat_dtype), "backward_sums sum_dy_xc")
+
+    # Sums as if all-reduced over the group.
+    group_sums = (sum_dy * group_scale + 0.5, sum_dy_xc * group_scale - 0.25)
+    for exact in (False, True):
+        poison_cuda_allocator(x.numel() * x.element_size())
+        grad_x = BACKWARD_DX(grad_y, x, weight, mean, var, group_mean, group_var, b, *group_sums, count,
+                             EPS, exact)
+        assert grad_x.dtype == dtype and grad_x.stride() == y.stride()
+        want = reference.backward_dx(cpu64(grad_y), cpu64(x), cpu64(weight), cpu64(mean), cpu64(var),
+                                     cpu64(group_mean), cpu64(group_var), cpu64(b),
+                                     *(cpu64(s) for s in group_sums), count.cpu(), EPS, exact)
+        assert_close(grad_x, want, OUTPUT_TOL[dtype], f"backward_dx (exact={exact})")
+
+
+@pytest.mark.parametrize("ema", [None, 0.1], ids=["count_weighted", "ema"])
+@pytest.mark.parametrize("layout", list(LAYOUT_CASES))
+@pytest.mark.parametrize("dtype_case", list(DTYPE_CASES))
+def test_phase_ops_match_reference(dtype_case, layout, ema):
+    dtype, param_dtype = DTYPE_CASES[dtype_case]
+    shape, x_format, grad_format = LAYOUT_CASES[layout]
+    x = random_input(shape, dtype, x_format)
+    weight, bias = random_parameters(shape[1], param_dtype)
+    history_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    grad_y = random_input(shape, dtype, grad_format, seed=5, offset=0.0, scale=1.0)
+    for slots in (0, 1, 3):
+        check_phase_ops(x, weight, bias, random_history(slots, shape[1], history_dtype), ema, grad_y)
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=[name for _, name in SHAPES])
+def test_phase_ops_shapes(shape, dtype, memory_format):
+    """The split regimes (partial + apply launches) of the statistics-only and given-statistics
+    phases, both layouts, packs and single values."""
+    if memory_format == "channels_last":
+        if len(shape) not in (4, 5):
+            pytest.skip("channels_last needs 4 or 5 dimensions")
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    else:
+        memory_format = torch.contiguous_format
+    x = random_input(shape, dtype, memory_format, seed=sum(shape))
+    weight, bias = random_parameters(shape[1], dtype)
+    check_phase_ops(x, weight, bias, random_history(2, shape[1], torch.float32), None, group_scale=1)
+    check_phase_ops(x, weight, bias, random_history(1, shape[1], torch.float32), 0.25)
+
+
+def test_phase_ops_on_strided_and_misaligned_inputs():
+    base = random_input((2 * 8 * 6 * 6 + 1,), torch.float16)
+    misaligned = base[1:].view(2, 8, 6, 6)
+    strided = random_input((3, 8, 10, 6), torch.float32)[:, :, ::2]
+    permuted = random_input((3, 6, 8, 5), torch.float32).permute(0, 2, 1, 3)
+    expanded_grad = torch.ones((), device="cuda").expand(3, 8, 5, 6)
+    for x, grad_y in ((misaligned, None), (strided, None), (permuted, None), (strided, expanded_grad)):
+        weight, bias = random_parameters(8, x.dtype)
+        check_phase_ops(x, weight, bias, random_history(1, 8, torch.float32), None, grad_y)
+
+
+def test_phase_ops_compose_to_the_fused_ops():
+    """With the rank's own count and statistics, the phases give what the fused ops give."""
+    for shape, memory_format in (((4, 6, 5, 5), torch.channels_last), ((2, 3, 256, 256),
+                                                                       torch.contiguous_format)):
+        x = random_input(shape, torch.float32, memory_format)
+        weight, bias = random_parameters(shape[1], torch.float32)
+        history = random_history(2, shape[1], torch.float32)
+        grad_y = random_input(shape, torch.float32, memory_format, seed=3, offset=0.0)
+        fused = FORWARD(x, weight, bias, *history, EPS, None, True)
+        batch_mean, batch_var = BATCH_STATS(x)
+        count = torch.tensor(reference.values_per_channel(x), device="cuda")
+        y, mean, var, b = POOLED_FORWARD(x, weight, bias, count, batch_mean, batch_var, *history, EPS, None)
+        torch.testing.assert_close((y, mean, var, batch_mean, batch_var, b), fused)
+        for exact in (False, True):
+            grad_x, grad_weight, grad_bias = BACKWARD(grad_y, x, weight, *fused[1:], EPS, exact)
+            sum_dy, sum_dy_xc = BACKWARD_SUMS(grad_y, x, batch_mean)
+            torch.testing.assert_close(sum_dy, grad_bias)
+            torch.testing.assert_close(
+                reference.parameter_grads(mean, var, batch_mean, sum_dy, sum_dy_xc, EPS)[0], grad_weight)
+            torch.testing.assert_close(BACKWARD_DX(grad_y, x, weight, mean, var, batch_mean, batch_var, b,
+                                                   sum_dy, sum_dy_xc, count, EPS, exact), grad_x)
+
+
+def test_phase_ops_on_an_empty_micro_batch():
+    """A rank with no values still takes part: zero statistics and sums, the pooled statistics from the
+    group's count and the history, empty outputs."""
+    x = torch.empty((0, 5, 3, 3), device="cuda")
+    history = random_history(1, 5, torch.float32)
+    batch_mean, batch_var = BATCH_STATS(x)
+    assert torch.equal(batch_mean.cpu(), torch.zeros(5)) and torch.equal(batch_var.cpu(), torch.zeros(5))
+    count = torch.tensor(17, device="cuda")
+    group_mean = torch.linspace(-1, 1, 5, device="cuda")
+    group_var = torch.linspace(0.5, 2, 5, device="cuda")
+    weight, bias = random_parameters(5, torch.float32)
+    y, mean, var, b = POOLED_FORWARD(x, weight, bias, count, group_mean, group_var, *history, EPS, None)
+    assert y.shape == x.shape
+    want = reference.pooled_forward(cpu64(x), cpu64(weight), cpu64(bias), count.cpu(), cpu64(group_mean),
+                                    cpu64(group_var), history[0].cpu(), cpu64(history[1]),
+                                    cpu64(history[2]), EPS, None)
+    for name, actual, expected in zip(("mean", "var", "b"), (mean, var, b), want[1:]):
+        assert_close(actual, expected, STAT_TOL[torch.float32], name)
+    sum_dy, sum_dy_xc = BACKWARD_SUMS(x, x, batch_mean)
+    assert torch.equal(sum_dy.cpu(), torch.zeros(5)) and torch.equal(sum_dy_xc.cpu(), torch.zeros(5))
+    grad_x = BACKWARD_DX(x, x, weight, mean, var, group_mean, group_var, b, group_mean, group_var, count,
+                         EPS, True)
+    assert grad_x.shape == x.shape
+
+
+def test_phase_ops_with_no_channels():
+    x = torch.empty((4, 0, 3), device="cuda")
+    empty = torch.empty(0, device="cuda")
+    count = torch.tensor(12, device="cuda")
+    history = (torch.zeros(1, 0, dtype=torch.long, device="cuda"), empty[None], empty[None])
+    assert all(t.shape == (0,) for t in BATCH_STATS(x))
+    y, *stats = POOLED_FORWARD(x, None, None, count, empty, empty, *history, EPS, None)
+    assert y.shape == x.shape and all(t.shape == (0,) for t in stats)
+    assert all(t.shape == (0,) for t in BACKWARD_SUMS(x, x, empty))
+    assert BACKWARD_DX(x, x, None, *([empty] * 7), count, EPS, False).shape == x.shape
+
+
+# ---------------------------------------------------------------------------------- state update
+UPDATE_STATE = torch.ops.cmbn_ext.cmbn_update_state
+STATE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+# The kernel rounds each step as the reference does (no FMA contraction): it should agree to the last
+# bit or so; a few ulps of each buffer dtype leave room for a rounding tie taken differently.
+STATE_TOL = {torch.float32: (1e-6, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
+             torch.float64: (1e-13, 1e-13)}
+# (mode, window): the window the layer passes is the cumulative length, None for the other modes.
+STATE_MODES = {
+    "cumulative3": ("cumulative", 3),
+    "cumulative_open": ("cumulative", None),
+    "sliding1": ("sliding", 1),  # no ring slots at all
+    "sliding3": ("sliding", 3),
+    "ema": ("ema", None),
+}
+
+
+def make_state(mode, window, channels, dtype, tracking, seed=0, step=0):
+    """The layer's buffers, on the CPU, with some history already in them."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = window - 1 if mode == "sliding" else 1
+    state = [torch.randint(0, 30, (slots, channels), generator=gen),
+             torch.randn(slots, channels, generator=gen).to(dtype),
+             (torch.rand(slots, channels, generator=gen) + 0.1).to(dtype),
+             torch.tensor(step)]
+    if tracking:
+        state += [torch.randn(channels, generator=gen).to(dtype),
+                  (torch.rand(channels, generator=gen) + 0.5).to(dtype), torch.tensor(3)]
+    else:
+        state += [None, None, None]
+    return state
+
+
+def micro_batch_statistics(channels, dtype, seed, non_finite):
+    """(mean, var, batch_mean, batch_var) in the statistics dtype of a `dtype` layer, with NaN/Inf in a
+    few channels when asked."""
+    gen = torch.Generator().manual_seed(seed)
+    stats_dtype = reference.stats_dtype(dtype)
+    stats = [torch.randn(channels, generator=gen) * 2, torch.rand(channels, generator=gen) + 0.05,
+             torch.randn(channels, generator=gen) * 2, torch.rand(channels, generator=gen) + 0.05]
+    stats = [s.to(stats_dtype) for s in stats]
+    if non_finite:
+        stats[0][0] = float("nan")
+        stats[3][channels // 2] = float("inf")
+        stats[1][-1] = float("-inf")
+    return stats
+
+
+def to_cuda(state):
+    return [None if t is None else t.cuda() for t in state]
+
+
+def assert_same_state(cuda_state, cpu_state, dtype, what):
+    names = ("window_count", "window_mean", "window_var", "window_step", "running_mean", "running_var",
+             "num_batches_tracked")
+    for name, got, want in zip(names, cuda_state, cpu_state):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {name}"
+        if want.is_floating_point():
+            rtol, atol = STATE_TOL[dtype]
+            torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"{what}: {name}: {m}")
+        else:
+            assert torch.equal(got.cpu(), want), f"{what}: {name}: {got.cpu()} != {want}"
+
+
+def run_state_steps(mode, window, channels, dtype, tracking, momentum, ms, start_step=0):
+    """Several micro-batches through the kernel and through window_state.update_state on the CPU
+    (same dtypes), comparing every buffer after each."""
+    cpu_state = make_state(mode, window, channels, dtype, tracking, seed=channels, step=start_step)
+    cuda_state = to_cuda(cpu_state)
+    window = window if mode == "cumulative" else None  # what the layer passes
+    for i, m in enumerate(ms):
+        stats = micro_batch_statistics(channels, dtype, seed=i, non_finite=i % 2 == 1)
+        UPDATE_STATE(*cuda_state, m, *(s.cuda() for s in stats), mode, window, momentum)
+        with torch.no_grad():
+            window_state.update_state(*cpu_state, m, *stats, mode, window, momentum)
+        assert_same_state(cuda_state, cpu_state, dtype, f"step {i} (m={m})")
+
+
+@pytest.mark.parametrize("channels", [1, 7, 1500])  # 1500: threads loop over the channels
+@pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "untracked"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative_average"])
+@pytest.mark.parametrize("dtype_name", list(STATE_DTYPES))
+@pytest.mark.parametrize("mode_name", list(STATE_MODES))
+def test_update_state_matches_reference(mode_name, dtype_name, momentum, tracking, channels):
+    mode, window = STATE_MODES[mode_name]
+    if mode == "ema" and momentum is None:
+        pytest.skip("mode='ema' needs a float momentum")
+    # Seven steps: cumulative windows of 3 commit twice, the sliding ring wraps, non-finite channels
+    # every other step; m = 1 with an empty history is a count of 1 (no running update).
+    run_state_steps(mode, window, channels, STATE_DTYPES[dtype_name], tracking, momentum,
+                    ms=[5, 1, 12, 2, 100, 3, 7])
+
+
+def test_update_state_ring_slot_follows_the_step():
+    """The sliding ring writes slot window_step % S, read on the device from any step."""
+    run_state_steps("sliding", 4, 6, torch.float32, True, 0.1, ms=[4, 4, 4, 4], start_step=7)
+
+
+def test_update_state_degenerate_counts():
+    """A count of 1 (m = 1, empty window) and of 0 (m = 0): no running update, yet the window commits
+    and num_batches_tracked counts it."""
+    for m in (1, 0):
+        cpu_state = make_state("cumulative", 1, 4, torch.float32, True)
+        cpu_state[0].zero_()
+        cuda_state = to_cuda(cpu_state)
+        stats = micro_batch_statistics(4, torch.float32, seed=0, non_finite=False)
+        UPDATE_STATE(*cuda_state, m, *(s.cuda() for s in stats), "cumulative", 1, None)
+        window_state.update_state(*cpu_state, m, *stats, "cumulative", 1, None)
+        assert_same_state(cuda_state, cpu_state, torch.float32, f"m={m}")
+        assert int(cuda_state[6]) == 4
+
+
+def test_update_state_with_no_channels():
+    """C == 0: the scalars still advance (window_step, num_batches_tracked). Checked directly: the
+    reference itself fails in sliding mode here (it indexes finite[0])."""
+    for mode, window, step, tracked in (("cumulative", 1, 0, 4), ("cumulative", 3, 1, 3),
+                                        ("sliding", 3, 1, 4), ("ema", None, 1, 4)):
+        state = to_cuda(make_state(mode, window, 0, torch.float32, True))
+        stats = [s.cuda() for s in micro_batch_statistics(0, torch.float32, seed=0, non_finite=False)]
+        window = window if mode == "cumulative" else None
+        UPDATE_STATE(*state, 4, *stats, mode, window, 0.1)
+        assert int(state[3]) == step and int(state[6]) == tracked, mode
+        assert all(t.numel() == 0 for t in state[:3] + state[4:6])
+
+
+def test_update_state_on_non_contiguous_buffers():
+    """Strided buffers are updated through contiguous copies written back."""
+    channels = 5
+    cpu_state = make_state("sliding", 3, channels, torch.float32, True)
+    cuda_state = to_cuda(cpu_state)
+    for i in (0, 1, 2, 4, 5):  # every (S, C) buffer as the transpose of a (C, S) tensor, (C,) strided
+        t = cuda_state[i]
+        if t.dim() == 2:
+            strided = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device="cuda").t()
+        else:
+            strided = torch.empty(2 * t.shape[0], dtype=t.dtype, device="cuda")[::2]
+        strided.copy_(t)
+        assert not strided.is_contiguous()
+        cuda_state[i] = strided
+    for step in range(3):
+        stats = micro_batch_statistics(channels, torch.float32, seed=step, non_finite=step == 1)
+        UPDATE_STATE(*cuda_state, 6, *(s.cuda() for s in stats), "sliding", None, 0.1)
+        window_state.update_state(*cpu_state, 6, *stats, "sliding", None, 0.1)
+        assert_same_state(cuda_state, cpu_state, torch.float32, f"step {step}")
+
+
+def test_update_state_bad_arguments_name_the_argument():
+    state = to_cuda(make_state("cumulative", 2, 4, torch.float32, True))
+    stats = [s.cuda() for s in micro_batch_statistics(4, torch.float32, seed=0, non_finite=False)]
+    with pytest.raises(RuntimeError, match="layer_mode"):
+        UPDATE_STATE(*state, 4, *stats, "window", 2, 0.1)
+    with pytest.raises(RuntimeError, match="batch_var"):
+        UPDATE_STATE(*state, 4, *stats[:3], stats[3][:3], "cumulative", 2, 0.1)
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        UPDATE_STATE(*state[:6], None, 4, *stats, "cumulative", 2, 0.1)
+    with pytest.raises(RuntimeError, match="window_step"):
+        UPDATE_STATE(*state[:3], state[3].cpu(), *state[4:], 4, *stats, "cumulative", 2, 0.1)
+
+
+# ------------------------------------------------------------------------- op contracts, phases
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck_phase_ops(dtype, memory_format):
+    x = random_input((4, 6, 5, 5), dtype, memory_format)
+    weight, bias = random_parameters(6, torch.float32)
+    history = random_history(1, 6, torch.float32)
+    torch.library.opcheck(BATCH_STATS.default, (x,))
+    batch_mean, batch_var = BATCH_STATS(x)
+    count = torch.tensor(2 * reference.values_per_channel(x), device="cuda")
+    for ema in (None, 0.1):
+        pooled_args = (x, weight, bias, count, batch_mean, batch_var, *history, EPS, ema)
+        torch.library.opcheck(POOLED_FORWARD.default, pooled_args)
+    _, mean, var, b = POOLED_FORWARD(*pooled_args)
+    grad_y = random_input(x.shape, dtype, memory_format, seed=9)
+    torch.library.opcheck(BACKWARD_SUMS.default, (grad_y, x, batch_mean))
+    sum_dy, sum_dy_xc = BACKWARD_SUMS(grad_y, x, batch_mean)
+    for exact in (False, True):
+        torch.library.opcheck(BACKWARD_DX.default, (grad_y, x, weight, mean, var, batch_mean, batch_var, b,
+                                                    sum_dy, sum_dy_xc, count, EPS, exact))
+
+
+@pytest.mark.parametrize("mode_name", list(STATE_MODES))
+@pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "untracked"])
+def test_opcheck_update_state(mode_name, tracking):
+    mode, window = STATE_MODES[mode_name]
+    state = to_cuda(make_state(mode, window, 6, torch.float32, tracking))
+    stats = [s.cuda() for s in micro_batch_statistics(6, torch.float32, seed=0, non_finite=True)]
+    window = window if mode == "cumulative" else None
+    torch.library.opcheck(UPDATE_STATE.default, (*state, 8, *stats, mode, window, 0.1))
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -395,3 +813,30 @@ def test_compiled_model_matches_eager():
             assert_close(got, value.to(torch.float64), (1e-3, 1e-3), name)
         else:
             assert torch.equal(got, value), name
+
+
+def _gpu_work_of(function):
+    """Names of the kernels, copies and memsets that `function` puts on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        function()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 5, 5), (2, 3, 256, 256)], ids=["fused", "split"])
+def test_training_step_launches_only_the_kernels(shape):
+    """A training forward is the forward kernel(s) (1 or 2) and one state-update kernel, nothing else
+    on the GPU; the backward is the backward kernel(s) (1 or 2) besides autograd's own work."""
+    layer = cmbn_ext.CrossMiniBatchNorm2d(shape[1], window=2).cuda()
+    x = random_input(shape, torch.float32).requires_grad_()
+    grad_y = random_input(shape, torch.float32, seed=4)
+    layer(x)  # warm-up: one-time initialization stays out of the count
+    outputs = []
+    names = _gpu_work_of(lambda: outputs.append(layer(x)))
+    assert all("cmbn" in name for name in names), names
+    assert sum("update_state_kernel" in name for name in names) == 1, names
+    assert 2 <= len(names) <= 3, names
+    names = _gpu_work_of(lambda: outputs[0].backward(grad_y))
+    assert 1 <= sum("cmbn_backward_kernel" in name for name in names) <= 2, names

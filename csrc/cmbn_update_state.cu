@@ -1,0 +1,378 @@
+// cmbn_update_state: the layer's state update after a training micro-batch (window_state.update_state,
+// SPEC sections 5 and 6) in one launch of one block. Threads loop over the channels; the scalars
+// window_step and num_batches_tracked are read by every thread at the start and written once, by
+// thread 0 after a __syncthreads, so every channel sees their old values and the host never reads
+// them. A block of up to 512 threads covers a few thousand channels in a handful of iterations.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include "cmbn_cuda.h"
+#include "device_utils.cuh"
+#include "host_utils.h"
+#include "kernel_types.h"
+
+namespace cmbn {
+namespace {
+
+constexpr int kStateThreads = 512;
+
+enum class StateMode : int { kCumulative, kSliding, kEma };
+
+template <typename stats_t>
+struct StateArgs {
+  int64_t* window_count;  // (S, C) contiguous
+  AnyFloatBuffer window_mean;
+  AnyFloatBuffer window_var;
+  int64_t* window_step;          // one value
+  AnyFloatBuffer running_mean;   // absent when the running statistics are not tracked
+  AnyFloatBuffer running_var;
+  int64_t* num_batches_tracked;  // null when not tracked
+  const stats_t* mean;           // (C,): the pooled statistics the micro-batch was normalized with
+  const stats_t* var;
+  const stats_t* batch_mean;     // (C,): the micro-batch's own
+  const stats_t* batch_var;
+  int64_t channels;  // C
+  int64_t slots;     // S
+  int64_t m;         // the micro-batch's values per channel
+  StateMode mode;
+  bool has_window;  // cumulative: commit after `window` micro-batches
+  int64_t window;
+  bool has_momentum;  // false: the cumulative average over tracked batches
+  double momentum;
+};
+
+// Arithmetic rounded once per operation, never contracted into an FMA: the reference rounds each
+// tensor operation on its own, and the running statistics accumulate that rounding over training.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// running[c] += delta as torch adds two tensors of the running dtype: delta rounded to that dtype
+// first (the reference's .to(running.dtype)), the sum in fp32 (fp64 for fp64) rounded once.
+template <typename compute_t>
+__device__ __forceinline__ void add_to_running(const AnyFloatBuffer& running, int64_t c,
+                                               compute_t delta) {
+  switch (running.kind) {
+    case FloatKind::kHalf: {
+      c10::Half* p = static_cast<c10::Half*>(running.data);
+      const float rounded = static_cast<float>(c10::Half(static_cast<float>(delta)));
+      p[c] = c10::Half(add_rn(static_cast<float>(p[c]), rounded));
+      break;
+    }
+    case FloatKind::kBFloat16: {
+      c10::BFloat16* p = static_cast<c10::BFloat16*>(running.data);
+      const float rounded = static_cast<float>(c10::BFloat16(static_cast<float>(delta)));
+      p[c] = c10::BFloat16(add_rn(static_cast<float>(p[c]), rounded));
+      break;
+    }
+    case FloatKind::kFloat: {
+      float* p = static_cast<float*>(running.data);
+      p[c] = add_rn(p[c], static_cast<float>(delta));
+      break;
+    }
+    case FloatKind::kDouble: {
+      double* p = static_cast<double*>(running.data);
+      p[c] = add_rn(p[c], static_cast<double>(delta));
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+// window_state.update_running for one channel that takes the update (valid, counted, count > 1):
+// running += factor * (value - running), the variance made unbiased with the pooled count. value_t is
+// the dtype of the pooled statistics (the reference's `var`), compute_t that of value - running.
+template <typename value_t, typename compute_t, typename stats_t>
+__device__ void update_running_channel(const StateArgs<stats_t>& args, int64_t c, int64_t count,
+                                       value_t mean, value_t var, double factor) {
+  // The ratio in fp64 (counts may exceed 2^24), then rounded to the statistics' dtype.
+  const value_t bessel =
+      static_cast<value_t>(static_cast<double>(count) / static_cast<double>(count - 1));
+  const value_t unbiased_var = mul_rn(var, bessel);
+  const compute_t f = static_cast<compute_t>(factor);
+  const compute_t old_mean = load_any_float<compute_t>(args.running_mean, c, compute_t(0));
+  const compute_t old_var = load_any_float<compute_t>(args.running_var, c, compute_t(0));
+  add_to_running(args.running_mean, c,
+                 mul_rn(f, sub_rn(static_cast<compute_t>(mean), old_mean)));
+  add_to_running(args.running_var, c,
+                 mul_rn(f, sub_rn(static_cast<compute_t>(unbiased_var), old_var)));
+}
+
+template <typename T>
+__device__ __forceinline__ bool is_finite(T value) {
+  return ::isfinite(value);
+}
+
+// stats_t: dtype of mean, var, batch_mean, batch_var. value_t: the pooled statistics as the reference
+// holds them (torch.where(finite, mean, window_mean[0]) promotes to the wider of stats and window;
+// sliding mode uses stats_t). compute_t: value_t promoted with the running statistics' dtype.
+template <typename stats_t, typename value_t, typename compute_t>
+__global__ void __launch_bounds__(kStateThreads) update_state_kernel(const StateArgs<stats_t> args) {
+  // The old scalars, read by every thread before thread 0 writes the new ones (after the barrier).
+  const int64_t step = *args.window_step;
+  const bool tracking = args.num_batches_tracked != nullptr;
+  const int64_t tracked = tracking ? *args.num_batches_tracked : 0;
+
+  const bool sliding = args.mode == StateMode::kSliding;
+  const bool ema = args.mode == StateMode::kEma;
+  // Cumulative: window_step counts this micro-batch, then the window commits if it is full.
+  const bool commit = args.mode == StateMode::kCumulative && args.has_window &&
+                      step + 1 >= args.window;
+  const int64_t new_step = commit ? 0 : step + 1;
+  // A tracked batch: every micro-batch in sliding and EMA modes, each commit in cumulative mode.
+  const int64_t new_tracked = tracked + ((sliding || ema || commit) ? 1 : 0);
+  const double factor = args.has_momentum
+                            ? args.momentum
+                            : 1.0 / static_cast<double>(new_tracked > 1 ? new_tracked : 1);
+  // Sliding: the micro-batch replaces the oldest ring slot (Python's %, non-negative).
+  int64_t ring_slot = -1;
+  if (sliding && args.slots > 0) {
+    ring_slot = step % args.slots;
+    if (ring_slot < 0) ring_slot += args.slots;
+  }
+
+  const int64_t channels = args.channels;
+  for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
+    const stats_t mean = args.mean[c];
+    const stats_t var = args.var[c];
+    const stats_t batch_mean = args.batch_mean[c];
+    const stats_t batch_var = args.batch_var[c];
+    // A channel whose statistics are not finite enters no state (SPEC section 6).
+    const bool finite =
+        is_finite(mean) && is_finite(var) && is_finite(batch_mean) && is_finite(batch_var);
+    int64_t window_total = 0;
+    for (int64_t s = 0; s < args.slots; ++s) window_total += args.window_count[s * channels + c];
+    const int64_t pooled_count = window_total + args.m;
+
+    if (sliding) {
+      if (ring_slot >= 0) {
+        const int64_t i = ring_slot * channels + c;
+        args.window_count[i] = finite ? args.m : 0;
+        store_any_float(args.window_mean, i, finite ? batch_mean : stats_t(0));
+        store_any_float(args.window_var, i, finite ? batch_var : stats_t(0));
+      }
+      if (tracking && finite && pooled_count > 1) {
+        update_running_channel<stats_t, compute_t>(args, c, pooled_count, mean, var, factor);
+      }
+      continue;
+    }
+
+    // Cumulative and EMA: slot 0 holds the window so far (or the average); a non-finite channel
+    // keeps it.
+    int64_t count = finite ? pooled_count : args.window_count[c];
+    value_t pooled_mean = finite ? static_cast<value_t>(mean)
+                                 : load_any_float<value_t>(args.window_mean, c, value_t(0));
+    value_t pooled_var = finite ? static_cast<value_t>(var)
+                                : load_any_float<value_t>(args.window_var, c, value_t(0));
+    if (ema) {
+      // The running statistics are the pooled ones themselves.
+      if (tracking && finite) {
+        store_any_float(args.running_mean, c, pooled_mean);
+        store_any_float(args.running_var, c, pooled_var);
+      }
+    } else if (commit) {
+      if (tracking && count > 1) {
+        update_running_channel<value_t, compute_t>(args, c, count, pooled_mean, pooled_var, factor);
+      }
+      count = 0;
+      pooled_mean = value_t(0);
+      pooled_var = value_t(0);
+    }
+    for (int64_t s = 0; s < args.slots; ++s) {  // the reference writes every slot (S is 1 here)
+      const int64_t i = s * channels + c;
+      args.window_count[i] = count;
+      store_any_float(args.window_mean, i, pooled_mean);
+      store_any_float(args.window_var, i, pooled_var);
+    }
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    *args.window_step = new_step;
+    if (tracking) *args.num_batches_tracked = new_tracked;
+  }
+}
+
+StateMode parse_mode(std::string_view mode) {
+  if (mode == "cumulative") return StateMode::kCumulative;
+  if (mode == "sliding") return StateMode::kSliding;
+  if (mode == "ema") return StateMode::kEma;
+  TORCH_CHECK(false, "cmbn_update_state: layer_mode must be 'cumulative', 'sliding' or 'ema', got '",
+              std::string(mode), "'");
+  return StateMode::kCumulative;
+}
+
+constexpr const char* kOp = "cmbn_update_state";
+
+void check_on_device(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), kOp, ": ", name, " is on ", t.device(),
+              " but window_count is on ", like.device());
+}
+
+void check_scalar_count(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  check_on_device(t, name, like);
+  TORCH_CHECK(t.scalar_type() == at::kLong, kOp, ": ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, kOp, ": ", name, " must hold one value, got shape ", t.sizes());
+}
+
+void check_float(const at::Tensor& t, const char* name, const at::Tensor& like,
+                 at::IntArrayRef shape) {
+  check_on_device(t, name, like);
+  TORCH_CHECK(is_supported_float(t.scalar_type()), kOp, ": ", name, " must be a float tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// A buffer the kernel writes, contiguous: itself, or a copy that is written back after the launch.
+at::Tensor writable(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+void write_back(const at::Tensor& buffer, const at::Tensor& work) {
+  if (work.defined() && !work.is_same(buffer)) buffer.copy_(work);
+}
+
+template <typename stats_t, typename value_t, typename compute_t>
+void launch_update_state(const StateArgs<stats_t>& args) {
+  // One block: enough warps for the channels, at most kStateThreads (threads loop over the rest).
+  const int64_t warps = std::max<int64_t>(ceil_div(args.channels, 32), 1);
+  const int threads = static_cast<int>(std::min<int64_t>(warps * 32, kStateThreads));
+  update_state_kernel<stats_t, value_t, compute_t>
+      <<<1, threads, 0, at::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
+                            at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& num_batches_tracked, int64_t m,
+                            const at::Tensor& mean, const at::Tensor& var,
+                            const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                            std::string_view layer_mode, std::optional<int64_t> window,
+                            std::optional<double> momentum) {
+  const StateMode mode = parse_mode(layer_mode);
+  TORCH_CHECK(window_count.is_cuda(), kOp, ": window_count must be a CUDA tensor, got one on ",
+              window_count.device());
+  TORCH_CHECK(window_count.scalar_type() == at::kLong, kOp, ": window_count must be int64, got ",
+              window_count.scalar_type());
+  TORCH_CHECK(window_count.dim() == 2, kOp, ": window_count must have shape (S, C), got ",
+              window_count.sizes());
+  const int64_t slots = window_count.size(0);
+  const int64_t channels = window_count.size(1);
+  TORCH_CHECK(mode == StateMode::kSliding || slots >= 1, kOp, ": mode '", std::string(layer_mode),
+              "' keeps its window in slot 0, but window_count has no slot");
+  TORCH_CHECK(m >= 0, kOp, ": m must be >= 0, got ", m);
+  check_float(window_mean, "window_mean", window_count, window_count.sizes());
+  check_float(window_var, "window_var", window_count, window_count.sizes());
+  TORCH_CHECK(window_var.scalar_type() == window_mean.scalar_type(), kOp,
+              ": window_mean and window_var must have one dtype, got ", window_mean.scalar_type(),
+              " and ", window_var.scalar_type());
+  check_scalar_count(window_step, "window_step", window_count);
+
+  const bool has_running_mean = running_mean.has_value() && running_mean->defined();
+  const bool has_running_var = running_var.has_value() && running_var->defined();
+  const bool has_tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  TORCH_CHECK(has_running_mean == has_running_var && has_running_mean == has_tracked, kOp,
+              ": running_mean, running_var and num_batches_tracked must all be given or all be None");
+  const bool tracking = has_running_mean;
+  if (tracking) {
+    check_float(*running_mean, "running_mean", window_count, {channels});
+    check_float(*running_var, "running_var", window_count, {channels});
+    TORCH_CHECK(running_var->scalar_type() == running_mean->scalar_type(), kOp,
+                ": running_mean and running_var must have one dtype, got ",
+                running_mean->scalar_type(), " and ", running_var->scalar_type());
+    check_scalar_count(*num_batches_tracked, "num_batches_tracked", window_count);
+  }
+  check_float(mean, "mean", window_count, {channels});
+  check_float(var, "var", window_count, {channels});
+  check_float(batch_mean, "batch_mean", window_count, {channels});
+  check_float(batch_var, "batch_var", window_count, {channels});
+  const c10::cuda::CUDAGuard device_guard(window_count.device());
+
+  // The statistics in fp64 if any is fp64, else fp32 (the ops return them so: no copy).
+  const bool stats_double = mean.scalar_type() == at::kDouble || var.scalar_type() == at::kDouble ||
+                            batch_mean.scalar_type() == at::kDouble ||
+                            batch_var.scalar_type() == at::kDouble;
+  const at::ScalarType stats_type = stats_double ? at::kDouble : at::kFloat;
+  const at::Tensor mean_c = mean.to(stats_type).contiguous();
+  const at::Tensor var_c = var.to(stats_type).contiguous();
+  const at::Tensor batch_mean_c = batch_mean.to(stats_type).contiguous();
+  const at::Tensor batch_var_c = batch_var.to(stats_type).contiguous();
+
+  // Type promotion as in the reference: the pooled statistics are promoted with the window's dtype
+  // (not in sliding mode, which takes the stats as they are), then with the running statistics'.
+  const bool value_double =
+      stats_double || (mode != StateMode::kSliding && window_mean.scalar_type() == at::kDouble);
+  const bool compute_double =
+      value_double || (tracking && running_mean->scalar_type() == at::kDouble);
+
+  const at::Tensor window_count_w = writable(window_count);
+  const at::Tensor window_mean_w = writable(window_mean);
+  const at::Tensor window_var_w = writable(window_var);
+  const at::Tensor window_step_w = writable(window_step);
+  const at::Tensor running_mean_w = tracking ? writable(*running_mean) : at::Tensor();
+  const at::Tensor running_var_w = tracking ? writable(*running_var) : at::Tensor();
+  const at::Tensor tracked_w = tracking ? writable(*num_batches_tracked) : at::Tensor();
+
+  const auto fill = [&](auto& args) {
+    using stats_t = std::remove_const_t<std::remove_pointer_t<decltype(args.mean)>>;
+    args.window_count = window_count_w.mutable_data_ptr<int64_t>();
+    args.window_mean = any_float_buffer(window_mean_w);
+    args.window_var = any_float_buffer(window_var_w);
+    args.window_step = window_step_w.mutable_data_ptr<int64_t>();
+    args.running_mean = any_float_buffer(running_mean_w);
+    args.running_var = any_float_buffer(running_var_w);
+    args.num_batches_tracked = tracking ? tracked_w.mutable_data_ptr<int64_t>() : nullptr;
+    args.mean = mean_c.const_data_ptr<stats_t>();
+    args.var = var_c.const_data_ptr<stats_t>();
+    args.batch_mean = batch_mean_c.const_data_ptr<stats_t>();
+    args.batch_var = batch_var_c.const_data_ptr<stats_t>();
+    args.channels = channels;
+    args.slots = slots;
+    args.m = m;
+    args.mode = mode;
+    args.has_window = window.has_value();
+    args.window = window.value_or(0);
+    args.has_momentum = momentum.has_value();
+    args.momentum = momentum.value_or(0.0);
+  };
+  // Launched even for C == 0: the scalars still advance.
+  if (stats_double) {
+    StateArgs<double> args{};
+    fill(args);
+    launch_update_state<double, double, double>(args);
+  } else {
+    StateArgs<float> args{};
+    fill(args);
+    if (value_double) {
+      launch_update_state<float, double, double>(args);
+    } else if (compute_double) {
+      launch_update_state<float, float, double>(args);
+    } else {
+      launch_update_state<float, float, float>(args);
+    }
+  }
+
+  write_back(window_count, window_count_w);
+  write_back(window_mean, window_mean_w);
+  write_back(window_var, window_var_w);
+  write_back(window_step, window_step_w);
+  if (tracking) {
+    write_back(*running_mean, running_mean_w);
+    write_back(*running_var, running_var_w);
+    write_back(*num_batches_tracked, tracked_w);
+  }
+}
+
+}  // namespace cmbn
