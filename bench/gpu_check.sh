@@ -3,7 +3,8 @@
 #   1. build cmbn_ext._C in place with the machine's python3 and nvcc, for the local GPU only;
 #   2. run the GPU tests (tests/test_cuda_kernels.py);
 #   3. compute-sanitizer memcheck and racecheck on a small case (bench/sanitizer_case.py);
-#   4. the benchmark, when bench/benchmark.py exists.
+#   4. CmBN over a one-rank NCCL group against the layer alone (bench/nccl_case.py);
+#   5. the benchmark, when bench/benchmark.py exists.
 # Every step's log goes to OUT_DIR; a failing step does not stop the next ones; the whole run is held
 # to 8 minutes (each step gets what is left). Prints a summary (also OUT_DIR/summary.txt) and exits
 # non-zero if any step failed.
@@ -104,6 +105,8 @@ else
     skip_step memcheck "compute-sanitizer not found"
     skip_step racecheck "compute-sanitizer not found"
 fi
+
+run_step nccl 60 "$PY" bench/nccl_case.py
 
 if [[ -f bench/benchmark.py ]]; then
     # The benchmark holds itself to a budget: give it what its step will really get, less a margin.

@@ -4,15 +4,15 @@ They subclass ``torch.nn.modules.batchnorm._BatchNorm`` (same parameters, buffer
 and printing) and add the window state of SPEC section 5 as four buffers, ``window_count``,
 ``window_mean``, ``window_var`` and ``window_step`` (``window_state.py`` says what they hold).
 
-A training forward is two ops: ``cmbn_forward`` (autograd-aware, functional) and ``cmbn_update_state``
-(in place on the buffers). Neither branches in Python on a tensor's value, so a model that contains
+A training forward is two ops: ``cmbn_forward`` (through ``CrossMiniBatchNormFunction`` for autograd)
+and ``cmbn_update_state`` (in place on the buffers). Neither branches in Python on a tensor's value, so a model that contains
 the layer compiles with ``torch.compile(fullgraph=True)``.
 """
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import ops  # noqa: F401  (registers torch.ops.cmbn_ext)
+from .ops import CrossMiniBatchNormFunction
 from .distributed import GroupCrossMiniBatchNorm, check_group_matches
 from .reference import channel_view, values_per_channel
 from .window_state import commit_window
@@ -104,7 +104,7 @@ class _CrossMiniBatchNorm(_BatchNorm):
         if m == 1:
             self._check_more_than_one_value(x, history[0])
         ema_momentum = float(self.momentum) if self.mode == "ema" else None
-        y, mean, var, batch_mean, batch_var, _ = torch.ops.cmbn_ext.cmbn_forward(
+        y, mean, var, batch_mean, batch_var, _ = CrossMiniBatchNormFunction.apply(
             x, self.weight, self.bias, *history, self.eps, ema_momentum, self.grad == "exact")
         if self.training:
             with torch.no_grad():

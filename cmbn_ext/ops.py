@@ -1,7 +1,7 @@
 """The op boundary: ``torch.ops.cmbn_ext.*``.
 
-``cmbn_forward`` and ``cmbn_backward`` are the fused single-process ops the layers call; autograd binds
-the second to the first. The phase ops split them where the distributed path puts its collectives:
+``cmbn_forward`` and ``cmbn_backward`` are the fused single-process ops the layers call;
+``CrossMiniBatchNormFunction`` binds the second to the first for autograd. The phase ops split them where the distributed path puts its collectives:
 ``cmbn_batch_stats`` then ``cmbn_pooled_forward`` in the forward, ``cmbn_backward_sums`` then
 ``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with an ``autograd.Function``).
 ``cmbn_update_state`` folds a micro-batch into the layer's buffers, in place (``window_state.py``).
@@ -93,7 +93,7 @@ def _without_grad(function):
 
 
 REFERENCE = {
-    "cmbn_forward": _reference_forward,
+    "cmbn_forward": _without_grad(_reference_forward),
     "cmbn_backward": _without_grad(reference.backward),
     "cmbn_batch_stats": _without_grad(reference.batch_stats),
     "cmbn_pooled_forward": _without_grad(reference.pooled_forward),
@@ -105,8 +105,9 @@ for _name, _function in REFERENCE.items():
     _lib.impl(_name, _function, "CPU")
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", "CUDA"):
         _lib.impl(_name, _function, "CUDA")
-    if _name != "cmbn_forward":  # not differentiable: autograd passes straight through to the kernels
-        _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+    # The ops are not differentiable themselves: autograd passes straight through to the kernels
+    # (CrossMiniBatchNormFunction and distributed.py differentiate the layer).
+    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_forward")
@@ -153,27 +154,35 @@ def _backward_dx_fake(grad_y, x, weight, mean, var, batch_mean, batch_var, b, su
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, _, eps, _, exact_grad = inputs
-    _, mean, var, batch_mean, batch_var, b = output
-    ctx.save_for_backward(x, weight, mean, var, batch_mean, batch_var, b)
-    ctx.eps = eps
-    ctx.exact_grad = exact_grad
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+class CrossMiniBatchNormFunction(torch.autograd.Function):
+    """Autograd for one micro-batch: ``cmbn_forward``, then ``cmbn_backward`` for the gradients.
 
+    An ``autograd.Function`` rather than ``register_autograd`` on the op: it costs a fraction of the
+    per-call Python overhead, and ``torch.compile`` traces it all the same. Returns the op's outputs;
+    only ``y`` is differentiable.
+    """
 
-def _backward(ctx, grad_y, *_unused_statistics_grads):
-    if torch.is_grad_enabled():
-        raise RuntimeError("cmbn_ext: double backward (create_graph=True) through CrossMiniBatchNorm is "
-                           "not supported")
-    x, weight, mean, var, batch_mean, batch_var, b = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = torch.ops.cmbn_ext.cmbn_backward(
-        grad_y, x, weight, mean, var, batch_mean, batch_var, b, ctx.eps, ctx.exact_grad)
-    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-    return (grad_x if needs_x else None,
-            grad_weight.to(weight.dtype) if needs_weight else None,
-            grad_bias.to(ctx.bias_dtype) if needs_bias else None,
-            None, None, None, None, None, None)
+    @staticmethod
+    def forward(ctx, x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
+                exact_grad):
+        y, mean, var, batch_mean, batch_var, b = torch.ops.cmbn_ext.cmbn_forward(
+            x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum, exact_grad)
+        ctx.save_for_backward(x, weight, mean, var, batch_mean, batch_var, b)
+        ctx.eps, ctx.exact_grad = eps, exact_grad
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var, batch_mean, batch_var, b)
+        return y, mean, var, batch_mean, batch_var, b
 
-
-torch.library.register_autograd("cmbn_ext::cmbn_forward", _backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_y, *_unused_statistics_grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("cmbn_ext: double backward (create_graph=True) through CrossMiniBatchNorm "
+                               "is not supported")
+        x, weight, mean, var, batch_mean, batch_var, b = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.cmbn_ext.cmbn_backward(
+            grad_y, x, weight, mean, var, batch_mean, batch_var, b, ctx.eps, ctx.exact_grad)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        return (grad_x if needs_x else None,
+                grad_weight.to(weight.dtype) if needs_weight else None,
+                grad_bias.to(ctx.bias_dtype) if needs_bias else None,
+                None, None, None, None, None, None)

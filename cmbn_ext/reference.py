@@ -55,11 +55,14 @@ def merge_history(count, mean, var, dtype):
     """Merge the ``(S, C)`` history slots into one ``(count, mean, var)`` per channel, in slot order.
 
     Each slot enters with its share of the running count (Chan's merge); empty slots weigh nothing.
+    The merge starts from slot 0 as it is: with S = 1 (cumulative and EMA modes) there is nothing to
+    compute.
     """
-    total = torch.zeros(count.shape[1:], dtype=torch.int64, device=count.device)
-    merged_mean = torch.zeros(count.shape[1:], dtype=dtype, device=count.device)
-    merged_var = torch.zeros_like(merged_mean)
-    for slot in range(count.shape[0]):
+    if count.shape[0] == 0:
+        zeros = torch.zeros(count.shape[1:], dtype=dtype, device=count.device)
+        return torch.zeros_like(zeros, dtype=torch.int64), zeros, zeros
+    total, merged_mean, merged_var = count[0], mean[0].to(dtype), var[0].to(dtype)
+    for slot in range(1, count.shape[0]):
         total = total + count[slot]
         share = count[slot].to(torch.float64) / total.clamp(min=1).to(torch.float64)
         merged_mean, merged_var = pool(merged_mean, merged_var, mean[slot].to(dtype),

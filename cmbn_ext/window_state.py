@@ -45,8 +45,7 @@ def update_state(window_count, window_mean, window_var, window_step, running_mea
     normalized with; ``batch_mean``/``batch_var`` its own. ``window`` is the cumulative window length
     (None: until ``end_window()``), ``momentum`` the layer's.
     """
-    finite = (torch.isfinite(mean) & torch.isfinite(var) & torch.isfinite(batch_mean)
-              & torch.isfinite(batch_var))
+    finite = torch.isfinite(torch.stack([mean, var, batch_mean, batch_var])).all(0)
     pooled_count = window_count.sum(0) + m
     if mode == "sliding":
         slots = window_count.shape[0]

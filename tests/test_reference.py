@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cmbn_ext import reference
+from cmbn_ext.ops import CrossMiniBatchNormFunction
 from conftest import bn_stats
 
 EPS = 1e-5
@@ -87,7 +88,7 @@ def test_exact_gradient_gradcheck(ema_momentum, affine):
     b = torch.randn(C, dtype=torch.float64, requires_grad=True) if affine else None
 
     def f(x, w, b):
-        return torch.ops.cmbn_ext.cmbn_forward(x, w, b, counts, mean_h, var_h, EPS, ema_momentum, True)[0]
+        return CrossMiniBatchNormFunction.apply(x, w, b, counts, mean_h, var_h, EPS, ema_momentum, True)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
 
@@ -100,7 +101,7 @@ def test_renorm_gradient_is_batch_renormalization(ema_momentum):
     x = torch.randn(3, C, 5, dtype=torch.float64) * 2 + 1
     w, bias = torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, bias))
-    y = torch.ops.cmbn_ext.cmbn_forward(xs, ws, bs, counts, mean_h, var_h, EPS, ema_momentum, False)[0]
+    y = CrossMiniBatchNormFunction.apply(xs, ws, bs, counts, mean_h, var_h, EPS, ema_momentum, False)[0]
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, (xs, ws, bs), dy)
 
@@ -125,7 +126,7 @@ def test_renorm_gradient_is_scale_invariant_and_orthogonal():
     C = 2
     counts, mean_h, var_h = _history(C, [10, 10])
     x = (torch.randn(4, C, 6, dtype=torch.float64) * 3 + 1).requires_grad_()
-    y = torch.ops.cmbn_ext.cmbn_forward(x, None, None, counts, mean_h, var_h, 1e-12, None, False)[0]
+    y = CrossMiniBatchNormFunction.apply(x, None, None, counts, mean_h, var_h, 1e-12, None, False)[0]
     (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
     centered = x.detach() - x.detach().mean((0, 2), keepdim=True)
     torch.testing.assert_close((dx * centered).sum((0, 2)), torch.zeros(C, dtype=torch.float64))
