@@ -13,13 +13,13 @@ _TO_BATCHNORM = {cmbn: bn for bn, cmbn in _TO_CMBN.items()}
 
 
 def _swap(module, cls, **kwargs):
-    """A ``cls`` layer with the options of ``module`` (``eps`` and ``momentum`` unless ``kwargs`` set
-    them), sharing its parameters and statistics."""
+    """A ``cls`` layer with the options of ``module`` (``eps``, ``momentum``, and the device and dtype
+    of its tensors, unless ``kwargs`` set them), sharing its parameters and statistics."""
     reference = module.running_mean if module.running_mean is not None else module.weight
     factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-    options = {"eps": module.eps, "momentum": module.momentum, **kwargs}
+    options = {"eps": module.eps, "momentum": module.momentum, **factory, **kwargs}
     swapped = cls(module.num_features, affine=module.affine,
-                  track_running_stats=module.track_running_stats, **options, **factory)
+                  track_running_stats=module.track_running_stats, **options)
     # The same Parameter objects, so an optimizer built before the swap keeps working.
     swapped.weight, swapped.bias = module.weight, module.bias
     for name in ("running_mean", "running_var", "num_batches_tracked"):
@@ -32,21 +32,19 @@ def convert_batchnorm(module, **kwargs):
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` inside ``module`` by ``CrossMiniBatchNorm1d/2d/3d``.
 
     Parameters and running statistics are kept (the very tensors), and so are ``eps``, ``momentum``,
-    ``affine``, ``track_running_stats`` and the training flag. ``kwargs`` are the CmBN options
-    (``mode``, ``window``, ``grad``, ``process_group``), and may set ``momentum`` or ``eps`` anew (EMA
-    mode takes its weight from ``momentum``). Only those exact classes are converted:
-    subclasses of BatchNorm may carry behaviour of their own. Returns the converted module (a new one
-    when ``module`` itself is a BatchNorm layer); the children of ``module`` are replaced in place.
+    ``affine``, ``track_running_stats``, the training flag, and a layer's sharing between several
+    places. ``kwargs`` are the CmBN options (``mode``, ``window``, ``grad``, ``process_group``); they may
+    also set ``momentum`` or ``eps`` anew (EMA mode takes its weight from ``momentum``), and ``device``
+    and ``dtype`` for layers without tensors of their own (``affine=False`` and no running statistics).
+    Only those exact classes are converted: subclasses of BatchNorm may carry behaviour of their own.
+    Returns the converted module (a new one when ``module`` itself is a BatchNorm layer); the children
+    of ``module`` are replaced in place.
 
     Example::
 
         model = cmbn_ext.convert_batchnorm(torchvision.models.resnet18(), window=4)
     """
-    if type(module) in _TO_CMBN:
-        return _swap(module, _TO_CMBN[type(module)], **kwargs)
-    for name, child in module.named_children():
-        module.add_module(name, convert_batchnorm(child, **kwargs))
-    return module
+    return _convert(module, _TO_CMBN, kwargs, {})
 
 
 def revert_to_batchnorm(module):
@@ -55,10 +53,21 @@ def revert_to_batchnorm(module):
     Parameters and running statistics are kept; the window state is dropped (call ``end_window`` first
     to commit it). For export, fusion, ONNX and inference tooling that knows only BatchNorm.
     """
-    if isinstance(module, _CrossMiniBatchNorm):
-        return _swap(module, _TO_BATCHNORM[type(module)])
-    for name, child in module.named_children():
-        module.add_module(name, revert_to_batchnorm(child))
+    return _convert(module, _TO_BATCHNORM, {}, {})
+
+
+def _convert(module, classes, kwargs, converted):
+    """Swap ``module`` and its descendants whose exact type is in ``classes``. A layer used in several
+    places is swapped once (``converted`` maps old layers to new ones), so it stays shared."""
+    if id(module) in converted:
+        return converted[id(module)]
+    if type(module) in classes:
+        converted[id(module)] = _swap(module, classes[type(module)], **kwargs)
+        return converted[id(module)]
+    # Every slot, not named_children(), which lists a shared child once only.
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module.add_module(name, _convert(child, classes, kwargs, converted))
     return module
 
 

@@ -4,9 +4,10 @@ They subclass ``torch.nn.modules.batchnorm._BatchNorm`` (same parameters, buffer
 and printing) and add the window state of SPEC section 5 as four buffers, ``window_count``,
 ``window_mean``, ``window_var`` and ``window_step`` (``window_state.py`` says what they hold).
 
-A training forward is two ops: ``cmbn_forward`` (through ``CrossMiniBatchNormFunction`` for autograd)
-and ``cmbn_update_state`` (in place on the buffers). Neither branches in Python on a tensor's value, so a model that contains
-the layer compiles with ``torch.compile(fullgraph=True)``.
+A training forward is two ops: ``cmbn_forward`` (through ``CrossMiniBatchNormFunction`` for
+autograd) and ``cmbn_update_state`` (in place on the buffers). Neither branches in Python on a tensor's
+value, so a model that contains the layer compiles with ``torch.compile(fullgraph=True)`` (without a
+``process_group``: the distributed path reads the group's count on the host).
 """
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,9 @@ class _CrossMiniBatchNorm(_BatchNorm):
         process_group: a ``torch.distributed`` process group whose ranks pool their micro-batches too
             (``torch.distributed.group.WORLD`` for all); ``None`` (default) keeps each process alone.
 
-    With ``window=1`` in cumulative mode the layer is exactly ``torch.nn.BatchNorm*d``.
+    With ``window=1`` in cumulative mode the layer is exactly ``torch.nn.BatchNorm*d``. The window state
+    is kept in fp32 (fp64 in an fp64 layer) whatever the layer's dtype. ``mode`` is fixed at
+    construction, and so is ``window`` in sliding mode.
     """
 
     _version = 2
@@ -70,16 +73,58 @@ class _CrossMiniBatchNorm(_BatchNorm):
         _check_options(mode, window, grad, momentum, process_group)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype)
-        self.mode = mode
-        self.window = window
-        self.grad = grad
+        self._mode = mode
+        self._window = window
+        self._grad = grad
         self.process_group = process_group
+        self._checkpoint_history = None  # see _history_for
         slots = window - 1 if mode == "sliding" else 1
+        history = {"device": device, "dtype": _history_dtype(dtype or torch.get_default_dtype())}
         self.register_buffer("window_count",
                              torch.zeros(slots, num_features, dtype=torch.long, device=device))
-        self.register_buffer("window_mean", torch.zeros(slots, num_features, device=device, dtype=dtype))
-        self.register_buffer("window_var", torch.zeros(slots, num_features, device=device, dtype=dtype))
+        self.register_buffer("window_mean", torch.zeros(slots, num_features, **history))
+        self.register_buffer("window_var", torch.zeros(slots, num_features, **history))
         self.register_buffer("window_step", torch.zeros((), dtype=torch.long, device=device))
+
+    @property
+    def mode(self):
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        raise AttributeError("mode is fixed at construction (it shapes the window state); build a new "
+                             "layer, or convert_batchnorm(revert_to_batchnorm(model), mode=...)")
+
+    @property
+    def window(self):
+        return self._window
+
+    @window.setter
+    def window(self, value):
+        _check_options(self._mode, value, self._grad, self.momentum, None)
+        if self._mode == "sliding" and value != self._window:
+            raise AttributeError("the window of mode='sliding' is fixed at construction (it sizes the "
+                                 "ring of history slots)")
+        self._window = value
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        _check_options(self._mode, self._window, value, self.momentum, None)
+        self._grad = value
+
+    def _apply(self, fn, *args, **kwargs):
+        # .half() / .to(bfloat16) move the window state but keep it in fp32: the history must not be
+        # rounded to half (nor overflow it), as for the statistics themselves.
+        kept = {name: getattr(self, name) for name in ("window_mean", "window_var")}
+        module = super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            self._buffers[name] = before.to(device=after.device, dtype=_history_dtype(after.dtype))
+        return module
 
     def extra_repr(self):
         return f"{super().extra_repr()}, mode={self.mode!r}, window={self.window}, grad={self.grad!r}"
@@ -89,43 +134,80 @@ class _CrossMiniBatchNorm(_BatchNorm):
         self._check_input(x)
         if not _is_dense(x):  # the kernels take contiguous or channels_last input
             x = x.contiguous()
-        if self.training and self.process_group is not None:
-            return self._forward_across_group(x)
-        if values_per_channel(x) == 0:
-            return self._empty_output(x)
-        if not self.training and self.track_running_stats:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
-                                0.0, self.eps)
-        if self.training:
-            history = (self.window_count, self.window_mean, self.window_var)
-        else:  # eval without running statistics: the current batch alone
-            history = (self.window_count[:0], self.window_mean[:0], self.window_var[:0])
+        if not self.training:
+            return self._forward_eval(x)
+        recomputed = _recomputing()
+        history = self._history_for(x, recomputed)
+        if self.process_group is not None:
+            return self._forward_across_group(x, history, recomputed)
         m = values_per_channel(x)
+        if m == 0:
+            return self._empty_output(x)
         if m == 1:
             self._check_more_than_one_value(x, history[0])
-        ema_momentum = float(self.momentum) if self.mode == "ema" else None
         y, mean, var, batch_mean, batch_var, _ = CrossMiniBatchNormFunction.apply(
-            x, self.weight, self.bias, *history, self.eps, ema_momentum, self.grad == "exact")
-        if self.training:
+            x, self.weight, self.bias, *history, self.eps, self._ema_momentum(), self.grad == "exact")
+        if not recomputed:
             with torch.no_grad():
                 self._update_state(m, mean, var, batch_mean, batch_var)
         return y
 
-    def _forward_across_group(self, x):
+    def _forward_eval(self, x):
+        """As BatchNorm: the running statistics whenever the layer has them, else the batch alone."""
+        if values_per_channel(x) == 0:
+            return self._empty_output(x)
+        if self.running_mean is not None:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
+                                0.0, self.eps)
+        no_history = (self.window_count[:0], self.window_mean[:0], self.window_var[:0])
+        if values_per_channel(x) == 1:
+            self._check_more_than_one_value(x, no_history[0])
+        return CrossMiniBatchNormFunction.apply(x, self.weight, self.bias, *no_history, self.eps, None,
+                                                self.grad == "exact")[0]
+
+    def _forward_across_group(self, x, history, recomputed):
         """Training with statistics shared across ``process_group`` (``distributed.py``). Every rank
         must call it, an empty micro-batch included: it takes part in the collectives."""
         check_group_matches(self.process_group, x)
-        ema_momentum = float(self.momentum) if self.mode == "ema" else None
         y, mean, var, batch_mean, batch_var, count = GroupCrossMiniBatchNorm.apply(
-            x, self.weight, self.bias, self.window_count, self.window_mean, self.window_var, self.eps,
-            ema_momentum, self.grad == "exact", self.process_group, self.window_step)
+            x, self.weight, self.bias, *history, self.eps, self._ema_momentum(), self.grad == "exact",
+            self.process_group, self.window_step)
         count = int(count)
         if count == 1:
-            self._check_more_than_one_value(x, self.window_count)
-        if count:
+            self._check_more_than_one_value(x, history[0])
+        if count and not recomputed:
             with torch.no_grad():
                 self._update_state(count, mean, var, batch_mean, batch_var)
         return y
+
+    def _history_for(self, x, recomputed):
+        """The history ``(count, mean, var)`` this training forward pools with.
+
+        Activation checkpointing (``torch.utils.checkpoint``) runs a forward a second time, during the
+        backward. That recomputation must pool with the history the first run saw, and must not count
+        the micro-batch twice: a forward that may be recomputed keeps a copy of its history for it.
+        """
+        history = (self.window_count, self.window_mean, self.window_var)
+        if torch.compiler.is_compiling():
+            return history
+        if recomputed:
+            saved, self._checkpoint_history = self._checkpoint_history, None
+            if saved is None or saved[0] != x.shape:
+                raise RuntimeError(
+                    f"{type(self).__name__}: activation checkpointing recomputed a micro-batch whose "
+                    f"history is gone: with CmBN inside a checkpointed region, run each micro-batch's "
+                    f"backward before the next micro-batch's forward")
+            return saved[1]
+        self._checkpoint_history = (x.shape, tuple(t.clone() for t in history)) \
+            if _may_be_recomputed() else None
+        return history
+
+    def _ema_momentum(self):
+        """The weight of the current micro-batch in EMA mode (None in the other modes)."""
+        if self.mode != "ema":
+            return None
+        _check_options(self.mode, self.window, self.grad, self.momentum, None)
+        return float(self.momentum)
 
     def _check_input(self, x):
         name = type(self).__name__
@@ -156,10 +238,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
     # ------------------------------------------------------------------------------------------- state
     def _update_state(self, m, mean, var, batch_mean, batch_var):
         """Fold the micro-batch into the window and the running statistics (``window_state.py``)."""
+        running = ((self.running_mean, self.running_var, self.num_batches_tracked)
+                   if self.track_running_stats else (None, None, None))
         torch.ops.cmbn_ext.cmbn_update_state(
-            self.window_count, self.window_mean, self.window_var, self.window_step, self.running_mean,
-            self.running_var, self.num_batches_tracked, m, mean, var, batch_mean, batch_var, self.mode,
-            self.window if self.mode == "cumulative" else None, self.momentum)
+            self.window_count, self.window_mean, self.window_var, self.window_step, *running, m, mean,
+            var, batch_mean, batch_var, self.mode, self.window if self.mode == "cumulative" else None,
+            self.momentum)
 
     @torch.no_grad()
     def end_window(self):
@@ -169,8 +253,10 @@ class _CrossMiniBatchNorm(_BatchNorm):
         EMA modes this does nothing.
         """
         if self.mode == "cumulative":
+            running = ((self.running_mean, self.running_var, self.num_batches_tracked)
+                       if self.track_running_stats else (None, None, None))
             commit_window(self.window_count, self.window_mean, self.window_var, self.window_step,
-                          self.running_mean, self.running_var, self.num_batches_tracked, self.momentum)
+                          *running, self.momentum)
 
     @torch.no_grad()
     def reset_window(self):
@@ -182,9 +268,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
     # ----------------------------------------------------------------------------------- checkpoints
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A plain BatchNorm checkpoint has no window state: it loads as an empty window.
-        for name in WINDOW_BUFFERS:
-            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        # A plain BatchNorm checkpoint has no window state: it loads as an empty window. (A partial
+        # state dict without BatchNorm's buffers leaves the window as it is.)
+        has_window = any(prefix + name in state_dict for name in WINDOW_BUFFERS)
+        if not has_window and prefix + "running_mean" in state_dict:
+            for name in WINDOW_BUFFERS:
+                state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
         # All or nothing: a checkpoint of another shape must not leave the layer half loaded.
         mismatched = [
             f"size mismatch for {prefix}{name}: copying a param with shape {tuple(state_dict[prefix + name].shape)} "
@@ -200,6 +289,23 @@ class _CrossMiniBatchNorm(_BatchNorm):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def _history_dtype(dtype):
+    """The window state is fp64 in an fp64 layer and fp32 in every other."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _recomputing():
+    """A forward inside a backward pass: activation checkpointing recomputing its region."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _may_be_recomputed():
+    """A forward that activation checkpointing may run again: the first pass of a checkpointed region
+    runs with gradients disabled (reentrant) or under saved-tensor hooks (non-reentrant)."""
+    return (not torch.is_grad_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
 
 
 def _is_dense(x):

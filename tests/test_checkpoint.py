@@ -149,3 +149,23 @@ def test_model_wide_end_and_reset_window():
     cmbn_ext.reset_window(model)
     assert all(m.num_batches_tracked.item() == 1 and m.window_count.sum().item() == 0
                for m in (model[0], model[1][0]))
+
+
+def test_partial_state_dict_keeps_the_window():
+    layer = cmbn_ext.CrossMiniBatchNorm2d(3, window=4)
+    layer(torch.randn(2, 3, 2, 2))
+    before = state_of(layer)
+    layer.load_state_dict({"weight": layer.weight.detach().clone()}, strict=False)
+    assert_same_state(before, state_of(layer))
+
+
+def test_convert_keeps_sharing_and_takes_device_and_dtype():
+    shared = torch.nn.BatchNorm2d(3)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    cmbn_ext.convert_batchnorm(model)
+    assert model[0] is model[2] and type(model[0]) is cmbn_ext.CrossMiniBatchNorm2d
+    stateless = torch.nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    converted = cmbn_ext.convert_batchnorm(stateless, dtype=torch.float64, device="meta")
+    assert converted.window_mean.dtype == torch.float64 and converted.window_mean.is_meta
+    reverted = cmbn_ext.revert_to_batchnorm(model)
+    assert reverted[0] is reverted[2] and type(reverted[0]) is torch.nn.BatchNorm2d

@@ -64,3 +64,29 @@ def test_mismatched_checkpoint_is_refused_and_state_kept(layer_mid_window):
     with pytest.raises(RuntimeError, match="size mismatch"):
         layer_mid_window.load_state_dict(other.state_dict())
     assert_same_state(before, state_of(layer_mid_window))
+
+
+def test_options_after_construction():
+    layer = cmbn_ext.CrossMiniBatchNorm2d(4, mode="sliding", window=3)
+    with pytest.raises(AttributeError, match="mode is fixed"):
+        layer.mode = "ema"
+    with pytest.raises(AttributeError, match="fixed at construction"):
+        layer.window = 5
+    with pytest.raises(ValueError, match="grad must be one of"):
+        layer.grad = "autograd"
+    layer.grad = "exact"
+    cumulative = cmbn_ext.CrossMiniBatchNorm2d(4, window=3)
+    cumulative.window = None  # a cumulative window may change: it only decides when to commit
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        cumulative.window = 0
+    assert (layer.grad, cumulative.window) == ("exact", None)
+
+
+def test_ema_momentum_none_is_named_and_state_kept():
+    layer = cmbn_ext.CrossMiniBatchNorm2d(4, mode="ema", momentum=0.1)
+    layer(torch.randn(2, 4, 3, 3))
+    layer.momentum = None
+    before = state_of(layer)
+    with pytest.raises(ValueError, match="momentum"):
+        layer(torch.randn(2, 4, 3, 3))
+    assert_same_state(before, state_of(layer))

@@ -100,3 +100,21 @@ def test_large_mean_fp32_output():
         # the input itself is only resolved to ulp(1e4) ~ 1e-3 in fp32
         torch.testing.assert_close(y.double(), yr, atol=5e-3, rtol=1e-3)
     torch.testing.assert_close(layer.window_var.double(), reference.window_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_layer_keeps_its_window_in_fp32(dtype):
+    """A .half() / bfloat16 layer: the history stays fp32, so a variance beyond fp16's range (std 300)
+    neither overflows nor rounds the pooled statistics; the commit lands in the half running stats."""
+    layer = cmbn_ext.CrossMiniBatchNorm2d(2, window=3).to(dtype)
+    assert layer.window_mean.dtype == layer.window_var.dtype == torch.float32
+    assert layer.running_var.dtype == dtype
+    reference = cmbn_ext.CrossMiniBatchNorm2d(2, window=3).double()
+    for _ in range(3):
+        x = (torch.randn(4, 2, 5, 5) * 300 + 100).to(dtype)
+        y = layer(x)
+        torch.testing.assert_close(y.double(), reference(x.double()), **TOLERANCES[dtype])
+    assert torch.isfinite(layer.running_var).all()
+    torch.testing.assert_close(layer.running_var.double(), reference.running_var, rtol=1e-2, atol=0)
+    layer.double()  # and back: fp64 layers keep fp64 history
+    assert layer.window_var.dtype == torch.float64

@@ -126,8 +126,13 @@ def test_track_running_stats_false(mode):
     a, b = _batches(2)
     layer(a)
     y = layer(b)
-    if mode != "ema":  # training still pools the window
-        torch.testing.assert_close(y, bn_forward(torch.cat([a, b]), layer.weight, layer.bias)[len(a):])
+    if mode == "ema":  # training still pools the history
+        mean, var = _ema_expected([a, b], layer.momentum)
+        expected = torch.nn.functional.batch_norm(b, mean, var, layer.weight, layer.bias, False, 0.0,
+                                                  layer.eps)
+    else:
+        expected = bn_forward(torch.cat([a, b]), layer.weight, layer.bias)[len(a):]
+    torch.testing.assert_close(y, expected)
     layer.eval()
     before = state_of(layer)
     torch.testing.assert_close(layer(b), bn_forward(b, layer.weight, layer.bias))  # batch alone
@@ -222,3 +227,20 @@ def test_counts_are_exact_int64():
     assert layer.window_count[0, 0].item() == big + x.numel() // 4
     assert layer.window_count.dtype == torch.int64
     assert not math.isnan(layer.window_mean.sum().item())
+
+
+def test_track_running_stats_switched_off_after_construction():
+    """As BatchNorm: training no longer updates the running statistics, and eval still uses them."""
+    layer = _layer(window=1)
+    bn = torch.nn.BatchNorm2d(4).double()
+    bn.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("window")})
+    first = _batches(1)[0]
+    for module in (layer, bn):
+        module(first)
+        module.track_running_stats = False
+    before = layer.running_var.clone()
+    x = _batches(1)[0]
+    torch.testing.assert_close(layer(x), bn(x))
+    assert torch.equal(layer.running_var, before)
+    layer.eval(), bn.eval()
+    torch.testing.assert_close(layer(x), bn(x))
