@@ -123,7 +123,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
         module = super()._apply(fn, *args, **kwargs)
         for name, before in kept.items():
             after = self._buffers[name]
-            self._buffers[name] = before.to(device=after.device, dtype=_history_dtype(after.dtype))
+            source = after if before.is_meta else before  # to_empty(): nothing to keep
+            self._buffers[name] = source.to(device=after.device, dtype=_history_dtype(after.dtype))
         return module
 
     def extra_repr(self):
@@ -238,12 +239,10 @@ class _CrossMiniBatchNorm(_BatchNorm):
     # ------------------------------------------------------------------------------------------- state
     def _update_state(self, m, mean, var, batch_mean, batch_var):
         """Fold the micro-batch into the window and the running statistics (``window_state.py``)."""
-        running = ((self.running_mean, self.running_var, self.num_batches_tracked)
-                   if self.track_running_stats else (None, None, None))
         torch.ops.cmbn_ext.cmbn_update_state(
-            self.window_count, self.window_mean, self.window_var, self.window_step, *running, m, mean,
-            var, batch_mean, batch_var, self.mode, self.window if self.mode == "cumulative" else None,
-            self.momentum)
+            self.window_count, self.window_mean, self.window_var, self.window_step,
+            *self._tracked_running_stats(), m, mean, var, batch_mean, batch_var, self.mode,
+            self.window if self.mode == "cumulative" else None, self.momentum)
 
     @torch.no_grad()
     def end_window(self):
@@ -253,10 +252,14 @@ class _CrossMiniBatchNorm(_BatchNorm):
         EMA modes this does nothing.
         """
         if self.mode == "cumulative":
-            running = ((self.running_mean, self.running_var, self.num_batches_tracked)
-                       if self.track_running_stats else (None, None, None))
             commit_window(self.window_count, self.window_mean, self.window_var, self.window_step,
-                          *running, self.momentum)
+                          *self._tracked_running_stats(), self.momentum)
+
+    def _tracked_running_stats(self):
+        """The running buffers to update: none once ``track_running_stats`` is off, as in BatchNorm."""
+        if not self.track_running_stats:
+            return None, None, None
+        return self.running_mean, self.running_var, self.num_batches_tracked
 
     @torch.no_grad()
     def reset_window(self):
