@@ -11,7 +11,7 @@ ranks to the single process's (DistributedDataParallel then averages them).
 import torch
 import torch.distributed as dist
 
-from . import ops  # noqa: F401  (registers torch.ops.cmbn_ext)
+from .ops import input_grads
 from .reference import merge_history, parameter_grads, stats_dtype, values_per_channel
 
 _BACKEND_DEVICE = {"nccl": "cuda", "gloo": "cpu"}
@@ -89,8 +89,4 @@ class GroupCrossMiniBatchNorm(torch.autograd.Function):
             grad_y, x, weight, mean, var, batch_mean, batch_var, b, *group_sums.chunk(2), count,
             ctx.eps, ctx.exact_grad)
         grad_weight, grad_bias = parameter_grads(mean, var, batch_mean, sum_dy, sum_dy_xc, ctx.eps)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        return (grad_x if needs_x else None,
-                grad_weight.to(weight.dtype) if needs_weight else None,
-                grad_bias.to(ctx.bias_dtype) if needs_bias else None,
-                None, None, None, None, None, None, None, None)
+        return input_grads(ctx, grad_x, grad_weight, grad_bias, weight)

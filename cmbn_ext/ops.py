@@ -181,8 +181,14 @@ class CrossMiniBatchNormFunction(torch.autograd.Function):
         x, weight, mean, var, batch_mean, batch_var, b = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = torch.ops.cmbn_ext.cmbn_backward(
             grad_y, x, weight, mean, var, batch_mean, batch_var, b, ctx.eps, ctx.exact_grad)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        return (grad_x if needs_x else None,
-                grad_weight.to(weight.dtype) if needs_weight else None,
-                grad_bias.to(ctx.bias_dtype) if needs_bias else None,
-                None, None, None, None, None, None)
+        return input_grads(ctx, grad_x, grad_weight, grad_bias, weight)
+
+
+def input_grads(ctx, grad_x, grad_weight, grad_bias, weight):
+    """What an ``autograd.Function`` of the layer returns: the gradients of ``(x, weight, bias)`` that
+    are wanted, in the parameters' dtype, and None for every other input."""
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    return (grad_x if needs_x else None,
+            grad_weight.to(weight.dtype) if needs_weight else None,
+            grad_bias.to(ctx.bias_dtype) if needs_bias else None,
+            *[None] * (len(ctx.needs_input_grad) - 3))
