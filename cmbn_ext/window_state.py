@@ -9,8 +9,9 @@ The reference for ``torch.ops.cmbn_ext.cmbn_update_state``, which updates the bu
   it picks the ring slot), or since the last reset (EMA).
 - ``running_mean``, ``running_var``, ``num_batches_tracked``: BatchNorm's, or None.
 
-Every decision is a tensor operation (``torch.where``), never a Python branch on a tensor's value, so a
-compiled model keeps one graph. A channel whose statistics are not finite enters no state.
+Every decision is a tensor operation (``torch.where``), never a Python branch on a tensor's value: on
+CUDA without the kernels it runs with no host synchronization, and it decides as the kernel does. A
+channel whose statistics are not finite enters no state.
 """
 import torch
 
