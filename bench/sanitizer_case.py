@@ -42,13 +42,20 @@ def largest_difference(actual, expected):
     return difference.max().item()
 
 
-def run_case(shape, memory_format, dtype):
-    gen = torch.Generator().manual_seed(0)
+def random_inputs(shape, memory_format, dtype, seed):
+    """x, grad_y, weight, bias on the GPU, and the generator for whatever else the case draws."""
+    gen = torch.Generator().manual_seed(seed)
     channels = shape[1]
     x = (torch.randn(shape, generator=gen) + 0.5).to(dtype).cuda().contiguous(memory_format=memory_format)
     grad_y = torch.randn(shape, generator=gen).to(dtype).cuda()
     weight = (torch.rand(channels, generator=gen) + 0.5).cuda()
     bias = torch.randn(channels, generator=gen).cuda()
+    return x, grad_y, weight, bias, gen
+
+
+def run_case(shape, memory_format, dtype):
+    x, grad_y, weight, bias, gen = random_inputs(shape, memory_format, dtype, seed=0)
+    channels = shape[1]
     count = torch.randint(0, 9, (2, channels), generator=gen).cuda()
     history = (count, torch.randn(2, channels).cuda(), torch.rand(2, channels).cuda() + 0.1)
     worst = 0.0
@@ -72,12 +79,8 @@ def run_phase_case(shape, memory_format, dtype):
     """batch_stats -> pooled_forward and backward_sums -> backward_dx with a group count of 2m + 1 and
     the group's statistics, against the reference; then the same on an empty micro-batch."""
     ops = torch.ops.cmbn_ext
-    gen = torch.Generator().manual_seed(1)
+    x, grad_y, weight, bias, gen = random_inputs(shape, memory_format, dtype, seed=1)
     channels = shape[1]
-    x = (torch.randn(shape, generator=gen) + 0.5).to(dtype).cuda().contiguous(memory_format=memory_format)
-    grad_y = torch.randn(shape, generator=gen).to(dtype).cuda()
-    weight = (torch.rand(channels, generator=gen) + 0.5).cuda()
-    bias = torch.randn(channels, generator=gen).cuda()
     history = (torch.randint(0, 9, (2, channels), generator=gen).cuda(), torch.randn(2, channels).cuda(),
                torch.rand(2, channels).cuda() + 0.1)
     cpu = [t.cpu().double() for t in (x, grad_y, weight, bias)]

@@ -200,16 +200,20 @@ SHAPES = [
 ]
 
 
+def layout_of(shape, name):
+    """The memory format called ``name`` for ``shape`` (skips channels_last where it does not exist)."""
+    if name == "contiguous":
+        return torch.contiguous_format
+    if len(shape) not in (4, 5):
+        pytest.skip("channels_last needs 4 or 5 dimensions")
+    return torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+
+
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=[name for _, name in SHAPES])
 def test_shapes(shape, dtype, memory_format):
-    if memory_format == "channels_last":
-        if len(shape) not in (4, 5):
-            pytest.skip("channels_last needs 4 or 5 dimensions")
-        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    else:
-        memory_format = torch.contiguous_format
+    memory_format = layout_of(shape, memory_format)
     x = random_input(shape, dtype, memory_format, seed=sum(shape))
     weight, bias = random_parameters(shape[1], dtype)
     check_against_reference(x, weight, bias, random_history(1, shape[1], torch.float32), None)
@@ -457,12 +461,7 @@ def test_phase_ops_match_reference(dtype_case, layout, ema):
 def test_phase_ops_shapes(shape, dtype, memory_format):
     """The split regimes (partial + apply launches) of the statistics-only and given-statistics
     phases, both layouts, packs and single values."""
-    if memory_format == "channels_last":
-        if len(shape) not in (4, 5):
-            pytest.skip("channels_last needs 4 or 5 dimensions")
-        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    else:
-        memory_format = torch.contiguous_format
+    memory_format = layout_of(shape, memory_format)
     x = random_input(shape, dtype, memory_format, seed=sum(shape))
     weight, bias = random_parameters(shape[1], dtype)
     check_phase_ops(x, weight, bias, random_history(2, shape[1], torch.float32), None, group_scale=1)
