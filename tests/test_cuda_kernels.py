@@ -11,6 +11,7 @@ state. Outputs are poisoned first (the caching allocator is filled with NaN byte
 kernel forgets to write fails the comparison. Skipped without a GPU or without the compiled kernels.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -18,8 +19,19 @@ import torch
 import cmbn_ext
 from cmbn_ext import reference, window_state
 
-if not torch.cuda.is_available() or not cmbn_ext.has_cuda_kernels():
+# CMBN_EMULATED_KERNELS=1 runs this module on the CPU against the same kernels compiled for the CPU
+# (tests/emulation; tests/test_emulated_kernels.py starts that run): CPU tensors stand for the device.
+EMULATED = os.environ.get("CMBN_EMULATED_KERNELS") == "1"
+if EMULATED:
+    import emulation
+    emulation.load()
+    DEVICE = "cpu"
+elif not torch.cuda.is_available() or not cmbn_ext.has_cuda_kernels():
     pytest.skip("needs a GPU and the compiled CUDA kernels (cmbn_ext._C)", allow_module_level=True)
+else:
+    DEVICE = "cuda"
+gpu_only = pytest.mark.skipif(
+    EMULATED, reason="a GPU-only check (4 GiB inputs, the CUDA profiler, the CPU path as expectation)")
 
 FORWARD = torch.ops.cmbn_ext.cmbn_forward
 BACKWARD = torch.ops.cmbn_ext.cmbn_backward
@@ -67,20 +79,23 @@ def sum_tol(m, dtype):
     return 1e-4, 4e-5 * m ** 0.5 + 1e-4
 
 
-def poison_cuda_allocator(nbytes=1 << 20, channels=0):
+def poison_allocator(nbytes=1 << 20, channels=0):
     """Leave 0xFF bytes (NaN in every float dtype) in the caching allocator's free blocks, so that
     tensors allocated next start as NaN and an element a kernel never writes fails the test. Blocks of
-    the size of the per-channel outputs (``channels`` fp64 values and less) are poisoned too."""
+    the size of the per-channel outputs (``channels`` fp64 values and less) are poisoned too. (The
+    emulated kernels poison every tensor they allocate themselves.)"""
+    if EMULATED:
+        return
     sizes = [max(nbytes, 1 << 20)] * 3 + [n for n in (512, 4096, 65536, 262144) for _ in range(8)]
     sizes += [channels * 8] * 16 + [channels * 4] * 16 if channels else []
-    junk = [torch.full((n,), 255, dtype=torch.uint8, device="cuda") for n in sizes]
+    junk = [torch.full((n,), 255, dtype=torch.uint8, device=DEVICE) for n in sizes]
     del junk
 
 
 def random_input(shape, dtype, memory_format=torch.contiguous_format, seed=0, offset=0.3, scale=1.5):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen) * scale + offset
-    x = x.to(dtype).cuda()
+    x = x.to(dtype).to(DEVICE)
     return x.contiguous(memory_format=memory_format) if memory_format != torch.contiguous_format else x
 
 
@@ -88,8 +103,8 @@ def random_parameters(channels, dtype, seed=1):
     if dtype is None:
         return None, None
     gen = torch.Generator().manual_seed(seed)
-    weight = (torch.rand(channels, generator=gen) + 0.5).to(dtype).cuda()
-    bias = torch.randn(channels, generator=gen).to(dtype).cuda()
+    weight = (torch.rand(channels, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(channels, generator=gen).to(dtype).to(DEVICE)
     return weight, bias
 
 
@@ -103,7 +118,7 @@ def random_history(slots, channels, dtype, seed=2, max_count=40):
         count[1] = 0
     mean = torch.randn(slots, channels, generator=gen) * 2
     var = torch.rand(slots, channels, generator=gen) * 2 + 0.1
-    return count.cuda(), mean.to(dtype).cuda(), var.to(dtype).cuda()
+    return count.to(DEVICE), mean.to(dtype).to(DEVICE), var.to(dtype).to(DEVICE)
 
 
 def cpu64(t):
@@ -111,12 +126,12 @@ def cpu64(t):
 
 
 def run_forward(x, weight, bias, history, ema):
-    poison_cuda_allocator(x.numel() * x.element_size(), x.shape[1])
+    poison_allocator(x.numel() * x.element_size(), x.shape[1])
     return FORWARD(x, weight, bias, *history, EPS, ema, False)
 
 
 def run_backward(grad_y, x, weight, stats, exact):
-    poison_cuda_allocator(x.numel() * x.element_size(), x.shape[1])
+    poison_allocator(x.numel() * x.element_size(), x.shape[1])
     return BACKWARD(grad_y, x, weight, *stats, EPS, exact)
 
 
@@ -261,12 +276,12 @@ def test_expanded_grad_y():
     """The gradient of y.sum() arrives expanded (stride 0): it is made to match x's layout."""
     x = random_input((4, 6, 5, 5), torch.float32, torch.channels_last)
     weight, bias = random_parameters(6, torch.float32)
-    grad_y = torch.ones((), device="cuda").expand(x.shape)
+    grad_y = torch.ones((), device=DEVICE).expand(x.shape)
     check_against_reference(x, weight, bias, random_history(1, 6, torch.float32), None, grad_y)
 
 
 def test_empty_micro_batch_gives_reference_statistics():
-    x = torch.empty((0, 5, 3, 3), device="cuda")
+    x = torch.empty((0, 5, 3, 3), device=DEVICE)
     history = random_history(1, 5, torch.float32)
     y, *stats = run_forward(x, None, None, history, None)
     assert y.shape == x.shape
@@ -290,18 +305,19 @@ def test_more_than_2_pow_24_values_per_channel(shape):
     assert torch.allclose(batch_var, torch.full_like(batch_var, 1.5 ** 2), rtol=0.01)  # randn * 1.5
 
 
+@gpu_only
 @pytest.mark.parametrize("shape", [(2 ** 31 // 8 + 64, 8), (1, 1, 2 ** 31 + 64)], ids=["rows", "planes"])
 def test_more_than_2_pow_31_elements(shape):
     """int64 indexing: offsets beyond 2^31 elements (4 GiB of fp16). The statistics are checked against
     fp64 sums taken on the GPU in chunks, y at both ends of the tensor."""
     torch.manual_seed(0)
-    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float16)
     C = shape[1]
-    empty = torch.zeros(1, C, dtype=torch.long, device="cuda")
+    empty = torch.zeros(1, C, dtype=torch.long, device=DEVICE)
     y, _, _, batch_mean, batch_var, _ = FORWARD(x, None, None, empty, empty.float(), empty.float(), EPS,
                                                 None, False)
     values = x.view(-1, C) if x.dim() == 2 else x.view(-1, 1)
-    total = torch.zeros(C, dtype=torch.float64, device="cuda")
+    total = torch.zeros(C, dtype=torch.float64, device=DEVICE)
     squares = torch.zeros_like(total)
     for chunk in values.split(1 << 26):
         chunk = chunk.double()
@@ -339,7 +355,7 @@ def test_bitwise_deterministic(shape, memory_format, dtype):
         runs.append([t.clone() for t in (*out, *grads)])
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------- op contracts
@@ -363,10 +379,11 @@ def test_opcheck(dtype, memory_format):
 def test_bad_arguments_name_the_argument():
     x = random_input((4, 6, 5, 5), torch.float32)
     count, mean, var = random_history(1, 6, torch.float32)
-    with pytest.raises(RuntimeError, match="history_count"):
-        FORWARD(x, None, None, count.cpu(), mean, var, EPS, None, False)
+    if not EMULATED:  # emulated, the CPU is the kernels' device
+        with pytest.raises(RuntimeError, match="history_count"):
+            FORWARD(x, None, None, count.cpu(), mean, var, EPS, None, False)
     with pytest.raises(RuntimeError, match="weight"):
-        FORWARD(x, torch.ones(5, device="cuda"), None, count, mean, var, EPS, None, False)
+        FORWARD(x, torch.ones(5, device=DEVICE), None, count, mean, var, EPS, None, False)
     with pytest.raises(RuntimeError, match="x must be"):
         FORWARD(x.to(torch.int32), None, None, count, mean, var, EPS, None, False)
     with pytest.raises(RuntimeError, match="history_var"):
@@ -397,7 +414,7 @@ def check_phase_ops(x, weight, bias, history, ema, grad_y=None, group_scale=3):
     m = reference.values_per_channel(x)
     history64 = (history[0].cpu(), cpu64(history[1]), cpu64(history[2]))
 
-    poison_cuda_allocator(x.numel() * x.element_size())
+    poison_allocator(x.numel() * x.element_size())
     batch_mean, batch_var = BATCH_STATS(x)
     for s in (batch_mean, batch_var):
         assert s.dtype == stat_dtype and s.shape == (channels,)
@@ -405,9 +422,9 @@ def check_phase_ops(x, weight, bias, history, ema, grad_y=None, group_scale=3):
     assert_close(batch_mean, want[0], STAT_TOL[stat_dtype], "batch_stats mean")
     assert_close(batch_var, want[1], STAT_TOL[stat_dtype], "batch_stats var")
 
-    count = torch.tensor(group_scale * m + 1, device="cuda")
+    count = torch.tensor(group_scale * m + 1, device=DEVICE)
     group_mean, group_var = group_statistics(batch_mean, batch_var)
-    poison_cuda_allocator(x.numel() * x.element_size())
+    poison_allocator(x.numel() * x.element_size())
     y, mean, var, b = POOLED_FORWARD(x, weight, bias, count, group_mean, group_var, *history, EPS, ema)
     assert y.dtype == dtype and y.shape == x.shape
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
@@ -422,7 +439,7 @@ def check_phase_ops(x, weight, bias, history, ema, grad_y=None, group_scale=3):
     if grad_y is None:
         grad_y = random_input(x.shape, dtype, seed=7, offset=0.0, scale=1.0)
     # The distributed path takes the sums about the group's mean.
-    poison_cuda_allocator(x.numel() * x.element_size())
+    poison_allocator(x.numel() * x.element_size())
     sum_dy, sum_dy_xc = BACKWARD_SUMS(grad_y, x, group_mean)
     want = reference.backward_sums(cpu64(grad_y), cpu64(x), cpu64(group_mean))
     assert_close(sum_dy, want[0], sum_tol(m, stat_dtype), "backward_sums sum_dy")
@@ -431,7 +448,7 @@ def check_phase_ops(x, weight, bias, history, ema, grad_y=None, group_scale=3):
     # Sums as if all-reduced over the group.
     group_sums = (sum_dy * group_scale + 0.5, sum_dy_xc * group_scale - 0.25)
     for exact in (False, True):
-        poison_cuda_allocator(x.numel() * x.element_size())
+        poison_allocator(x.numel() * x.element_size())
         grad_x = BACKWARD_DX(grad_y, x, weight, mean, var, group_mean, group_var, b, *group_sums, count,
                              EPS, exact)
         assert grad_x.dtype == dtype and grad_x.stride() == y.stride()
@@ -473,7 +490,7 @@ def test_phase_ops_on_strided_and_misaligned_inputs():
     misaligned = base[1:].view(2, 8, 6, 6)
     strided = random_input((3, 8, 10, 6), torch.float32)[:, :, ::2]
     permuted = random_input((3, 6, 8, 5), torch.float32).permute(0, 2, 1, 3)
-    expanded_grad = torch.ones((), device="cuda").expand(3, 8, 5, 6)
+    expanded_grad = torch.ones((), device=DEVICE).expand(3, 8, 5, 6)
     for x, grad_y in ((misaligned, None), (strided, None), (permuted, None), (strided, expanded_grad)):
         weight, bias = random_parameters(8, x.dtype)
         check_phase_ops(x, weight, bias, random_history(1, 8, torch.float32), None, grad_y)
@@ -489,7 +506,7 @@ def test_phase_ops_compose_to_the_fused_ops():
         grad_y = random_input(shape, torch.float32, memory_format, seed=3, offset=0.0)
         fused = FORWARD(x, weight, bias, *history, EPS, None, True)
         batch_mean, batch_var = BATCH_STATS(x)
-        count = torch.tensor(reference.values_per_channel(x), device="cuda")
+        count = torch.tensor(reference.values_per_channel(x), device=DEVICE)
         y, mean, var, b = POOLED_FORWARD(x, weight, bias, count, batch_mean, batch_var, *history, EPS, None)
         torch.testing.assert_close((y, mean, var, batch_mean, batch_var, b), fused)
         for exact in (False, True):
@@ -505,13 +522,13 @@ def test_phase_ops_compose_to_the_fused_ops():
 def test_phase_ops_on_an_empty_micro_batch():
     """A rank with no values still takes part: zero statistics and sums, the pooled statistics from the
     group's count and the history, empty outputs."""
-    x = torch.empty((0, 5, 3, 3), device="cuda")
+    x = torch.empty((0, 5, 3, 3), device=DEVICE)
     history = random_history(1, 5, torch.float32)
     batch_mean, batch_var = BATCH_STATS(x)
     assert torch.equal(batch_mean.cpu(), torch.zeros(5)) and torch.equal(batch_var.cpu(), torch.zeros(5))
-    count = torch.tensor(17, device="cuda")
-    group_mean = torch.linspace(-1, 1, 5, device="cuda")
-    group_var = torch.linspace(0.5, 2, 5, device="cuda")
+    count = torch.tensor(17, device=DEVICE)
+    group_mean = torch.linspace(-1, 1, 5, device=DEVICE)
+    group_var = torch.linspace(0.5, 2, 5, device=DEVICE)
     weight, bias = random_parameters(5, torch.float32)
     y, mean, var, b = POOLED_FORWARD(x, weight, bias, count, group_mean, group_var, *history, EPS, None)
     assert y.shape == x.shape
@@ -528,10 +545,10 @@ def test_phase_ops_on_an_empty_micro_batch():
 
 
 def test_phase_ops_with_no_channels():
-    x = torch.empty((4, 0, 3), device="cuda")
-    empty = torch.empty(0, device="cuda")
-    count = torch.tensor(12, device="cuda")
-    history = (torch.zeros(1, 0, dtype=torch.long, device="cuda"), empty[None], empty[None])
+    x = torch.empty((4, 0, 3), device=DEVICE)
+    empty = torch.empty(0, device=DEVICE)
+    count = torch.tensor(12, device=DEVICE)
+    history = (torch.zeros(1, 0, dtype=torch.long, device=DEVICE), empty[None], empty[None])
     assert all(t.shape == (0,) for t in BATCH_STATS(x))
     y, *stats = POOLED_FORWARD(x, None, None, count, empty, empty, *history, EPS, None)
     assert y.shape == x.shape and all(t.shape == (0,) for t in stats)
@@ -587,14 +604,16 @@ def micro_batch_statistics(channels, dtype, seed, non_finite):
     return stats
 
 
-def to_cuda(state):
-    return [None if t is None else t.cuda() for t in state]
+def to_device(state):
+    """A copy of the buffers on the kernels' device (a copy even when that is the CPU: the reference
+    updates the originals)."""
+    return [None if t is None else t.to(DEVICE, copy=True) for t in state]
 
 
-def assert_same_state(cuda_state, cpu_state, dtype, what):
+def assert_same_state(kernel_state, cpu_state, dtype, what):
     names = ("window_count", "window_mean", "window_var", "window_step", "running_mean", "running_var",
              "num_batches_tracked")
-    for name, got, want in zip(names, cuda_state, cpu_state):
+    for name, got, want in zip(names, kernel_state, cpu_state):
         if want is None:
             assert got is None
             continue
@@ -611,14 +630,14 @@ def run_state_steps(mode, window, channels, dtype, tracking, momentum, ms, start
     """Several micro-batches through the kernel and through window_state.update_state on the CPU
     (same dtypes), comparing every buffer after each."""
     cpu_state = make_state(mode, window, channels, dtype, tracking, seed=channels, step=start_step)
-    cuda_state = to_cuda(cpu_state)
+    kernel_state = to_device(cpu_state)
     window = window if mode == "cumulative" else None  # what the layer passes
     for i, m in enumerate(ms):
         stats = micro_batch_statistics(channels, dtype, seed=i, non_finite=i % 2 == 1)
-        UPDATE_STATE(*cuda_state, m, *(s.cuda() for s in stats), mode, window, momentum)
+        UPDATE_STATE(*kernel_state, m, *(s.to(DEVICE) for s in stats), mode, window, momentum)
         with torch.no_grad():
             window_state.update_state(*cpu_state, m, *stats, mode, window, momentum)
-        assert_same_state(cuda_state, cpu_state, dtype, f"step {i} (m={m})")
+        assert_same_state(kernel_state, cpu_state, dtype, f"step {i} (m={m})")
 
 
 @pytest.mark.parametrize("channels", [1, 7, 1500])  # 1500: threads loop over the channels
@@ -647,12 +666,12 @@ def test_update_state_degenerate_counts():
     for m in (1, 0):
         cpu_state = make_state("cumulative", 1, 4, torch.float32, True)
         cpu_state[0].zero_()
-        cuda_state = to_cuda(cpu_state)
+        kernel_state = to_device(cpu_state)
         stats = micro_batch_statistics(4, torch.float32, seed=0, non_finite=False)
-        UPDATE_STATE(*cuda_state, m, *(s.cuda() for s in stats), "cumulative", 1, None)
+        UPDATE_STATE(*kernel_state, m, *(s.to(DEVICE) for s in stats), "cumulative", 1, None)
         window_state.update_state(*cpu_state, m, *stats, "cumulative", 1, None)
-        assert_same_state(cuda_state, cpu_state, torch.float32, f"m={m}")
-        assert int(cuda_state[6]) == 4
+        assert_same_state(kernel_state, cpu_state, torch.float32, f"m={m}")
+        assert int(kernel_state[6]) == 4
 
 
 def test_update_state_with_no_channels():
@@ -660,8 +679,8 @@ def test_update_state_with_no_channels():
     reference itself fails in sliding mode here (it indexes finite[0])."""
     for mode, window, step, tracked in (("cumulative", 1, 0, 4), ("cumulative", 3, 1, 3),
                                         ("sliding", 3, 1, 4), ("ema", None, 1, 4)):
-        state = to_cuda(make_state(mode, window, 0, torch.float32, True))
-        stats = [s.cuda() for s in micro_batch_statistics(0, torch.float32, seed=0, non_finite=False)]
+        state = to_device(make_state(mode, window, 0, torch.float32, True))
+        stats = [s.to(DEVICE) for s in micro_batch_statistics(0, torch.float32, seed=0, non_finite=False)]
         window = window if mode == "cumulative" else None
         UPDATE_STATE(*state, 4, *stats, mode, window, 0.1)
         assert int(state[3]) == step and int(state[6]) == tracked, mode
@@ -672,34 +691,35 @@ def test_update_state_on_non_contiguous_buffers():
     """Strided buffers are updated through contiguous copies written back."""
     channels = 5
     cpu_state = make_state("sliding", 3, channels, torch.float32, True)
-    cuda_state = to_cuda(cpu_state)
+    kernel_state = to_device(cpu_state)
     for i in (0, 1, 2, 4, 5):  # every (S, C) buffer as the transpose of a (C, S) tensor, (C,) strided
-        t = cuda_state[i]
+        t = kernel_state[i]
         if t.dim() == 2:
-            strided = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device="cuda").t()
+            strided = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device=DEVICE).t()
         else:
-            strided = torch.empty(2 * t.shape[0], dtype=t.dtype, device="cuda")[::2]
+            strided = torch.empty(2 * t.shape[0], dtype=t.dtype, device=DEVICE)[::2]
         strided.copy_(t)
         assert not strided.is_contiguous()
-        cuda_state[i] = strided
+        kernel_state[i] = strided
     for step in range(3):
         stats = micro_batch_statistics(channels, torch.float32, seed=step, non_finite=step == 1)
-        UPDATE_STATE(*cuda_state, 6, *(s.cuda() for s in stats), "sliding", None, 0.1)
+        UPDATE_STATE(*kernel_state, 6, *(s.to(DEVICE) for s in stats), "sliding", None, 0.1)
         window_state.update_state(*cpu_state, 6, *stats, "sliding", None, 0.1)
-        assert_same_state(cuda_state, cpu_state, torch.float32, f"step {step}")
+        assert_same_state(kernel_state, cpu_state, torch.float32, f"step {step}")
 
 
 def test_update_state_bad_arguments_name_the_argument():
-    state = to_cuda(make_state("cumulative", 2, 4, torch.float32, True))
-    stats = [s.cuda() for s in micro_batch_statistics(4, torch.float32, seed=0, non_finite=False)]
+    state = to_device(make_state("cumulative", 2, 4, torch.float32, True))
+    stats = [s.to(DEVICE) for s in micro_batch_statistics(4, torch.float32, seed=0, non_finite=False)]
     with pytest.raises(RuntimeError, match="layer_mode"):
         UPDATE_STATE(*state, 4, *stats, "window", 2, 0.1)
     with pytest.raises(RuntimeError, match="batch_var"):
         UPDATE_STATE(*state, 4, *stats[:3], stats[3][:3], "cumulative", 2, 0.1)
     with pytest.raises(RuntimeError, match="num_batches_tracked"):
         UPDATE_STATE(*state[:6], None, 4, *stats, "cumulative", 2, 0.1)
-    with pytest.raises(RuntimeError, match="window_step"):
-        UPDATE_STATE(*state[:3], state[3].cpu(), *state[4:], 4, *stats, "cumulative", 2, 0.1)
+    if not EMULATED:  # emulated, the CPU is the kernels' device
+        with pytest.raises(RuntimeError, match="window_step"):
+            UPDATE_STATE(*state[:3], state[3].cpu(), *state[4:], 4, *stats, "cumulative", 2, 0.1)
 
 
 # ------------------------------------------------------------------------- op contracts, phases
@@ -711,7 +731,7 @@ def test_opcheck_phase_ops(dtype, memory_format):
     history = random_history(1, 6, torch.float32)
     torch.library.opcheck(BATCH_STATS.default, (x,))
     batch_mean, batch_var = BATCH_STATS(x)
-    count = torch.tensor(2 * reference.values_per_channel(x), device="cuda")
+    count = torch.tensor(2 * reference.values_per_channel(x), device=DEVICE)
     for ema in (None, 0.1):
         pooled_args = (x, weight, bias, count, batch_mean, batch_var, *history, EPS, ema)
         torch.library.opcheck(POOLED_FORWARD.default, pooled_args)
@@ -728,8 +748,8 @@ def test_opcheck_phase_ops(dtype, memory_format):
 @pytest.mark.parametrize("tracking", [True, False], ids=["tracked", "untracked"])
 def test_opcheck_update_state(mode_name, tracking):
     mode, window = STATE_MODES[mode_name]
-    state = to_cuda(make_state(mode, window, 6, torch.float32, tracking))
-    stats = [s.cuda() for s in micro_batch_statistics(6, torch.float32, seed=0, non_finite=True)]
+    state = to_device(make_state(mode, window, 6, torch.float32, tracking))
+    stats = [s.to(DEVICE) for s in micro_batch_statistics(6, torch.float32, seed=0, non_finite=True)]
     window = window if mode == "cumulative" else None
     torch.library.opcheck(UPDATE_STATE.default, (*state, 8, *stats, mode, window, 0.1))
 
@@ -746,6 +766,7 @@ def _train_steps(layer, inputs):
     return outputs, grads
 
 
+@gpu_only
 @pytest.mark.parametrize("options", [
     dict(mode="cumulative", window=3, grad="renorm"),
     dict(mode="cumulative", window=None, grad="exact"),
@@ -761,7 +782,7 @@ def test_layer_state_matches_cpu(options, dtype):
     with torch.no_grad():
         cpu_layer.weight.uniform_(0.5, 1.5)
         cpu_layer.bias.uniform_(-1, 1)
-    cuda_layer = copy.deepcopy(cpu_layer).cuda()
+    cuda_layer = copy.deepcopy(cpu_layer).to(DEVICE)
     inputs = [random_input((4, 6, 5, 5), dtype, torch.channels_last, seed=s) for s in range(5)]
     cuda_out, cuda_grads = _train_steps(cuda_layer, inputs)
     cpu_out, cpu_grads = _train_steps(cpu_layer, [x.cpu() for x in inputs])
@@ -782,6 +803,7 @@ def test_layer_state_matches_cpu(options, dtype):
                      f"{name}.grad")
 
 
+@gpu_only
 def test_compiled_model_matches_eager():
     """The layers inside torch.compile(fullgraph=True): outputs, gradients and every buffer after a few
     steps. Loose tolerances: the convolutions may pick other (TF32) algorithms when compiled; a lost
@@ -793,7 +815,7 @@ def test_compiled_model_matches_eager():
         torch.nn.ReLU(),
         torch.nn.Conv2d(8, 4, 1),
         cmbn_ext.CrossMiniBatchNorm2d(4, mode="ema", momentum=0.2, grad="exact"),
-    ).cuda()
+    ).to(DEVICE)
     eager = copy.deepcopy(model)
     compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
     for step in range(3):
@@ -824,11 +846,12 @@ def _gpu_work_of(function):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+@gpu_only
 @pytest.mark.parametrize("shape", [(4, 8, 5, 5), (2, 3, 256, 256)], ids=["fused", "split"])
 def test_training_step_launches_only_the_kernels(shape):
     """A training forward is the forward kernel(s) (1 or 2) and one state-update kernel, nothing else
     on the GPU; the backward is the backward kernel(s) (1 or 2) besides autograd's own work."""
-    layer = cmbn_ext.CrossMiniBatchNorm2d(shape[1], window=2).cuda()
+    layer = cmbn_ext.CrossMiniBatchNorm2d(shape[1], window=2).to(DEVICE)
     x = random_input(shape, torch.float32).requires_grad_()
     grad_y = random_input(shape, torch.float32, seed=4)
     layer(x)  # warm-up: one-time initialization stays out of the count

@@ -1,0 +1,110 @@
+"""Turns the CUDA sources in csrc/ into C++ that g++ compiles against cuda_runtime.h.
+
+Only the CUDA syntax is rewritten; the kernels and launchers are compiled as written:
+  - ``kernel<<<grid, block, bytes, stream>>>(args);`` -> ``cmbn_emu::launch(grid, block, [&] { kernel(args); });``
+  - ``__shared__ T name[N];`` -> ``auto& name = cmbn_emu::shared_array<T, N>();`` (see cuda_runtime.h)
+  - ``at::empty(...)`` / ``at::empty_like(...)`` -> ``cmbn_emu::poisoned(...)``
+  - ``.is_cuda()`` -> ``.is_cpu()``: CPU tensors stand for the emulated device's
+  - ``TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m)`` -> ``(cmbn_ext, CPU, m)``: the emulated kernels serve CPU
+    tensors, in place of the reference the package registers for them.
+"""
+import os
+import re
+
+LAUNCH = re.compile(r"([\w:]+(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+SHARED = re.compile(r"__shared__\s+([^;\[]+?)\s+(\w+)\s*\[([^\]]+)\]\s*;")
+ALLOCATION = re.compile(r"\bat::(empty|empty_like)\(")
+REGISTRATION = "TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m)"
+SKIPPED = {"python_module.cpp"}  # the Python module shell of cmbn_ext._C: not needed to load the ops
+
+
+def closing_paren(text, open_index):
+    """Index of the parenthesis that closes the one at ``open_index``."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced parentheses after: {text[open_index:open_index + 80]!r}")
+
+
+def split_top_level(text):
+    """``text`` split at the commas outside any parentheses, brackets or braces."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def rewrite_calls(text, pattern, rewrite):
+    """``text`` with every call that ``pattern`` finds (a match ends at the call's opening parenthesis)
+    replaced by ``rewrite(match, arguments)``."""
+    out, position = [], 0
+    for match in pattern.finditer(text):
+        if match.start() < position:
+            continue
+        open_index = match.end() - 1
+        close = closing_paren(text, open_index)
+        out.append(text[position:match.start()])
+        out.append(rewrite(match, text[open_index + 1:close]))
+        position = close + 1
+    out.append(text[position:])
+    return "".join(out)
+
+
+def launch(match, arguments):
+    grid, block = split_top_level(match.group(2))[:2]
+    return f"::cmbn_emu::launch({grid}, {block}, [&] {{ {match.group(1)}({arguments}); }})"
+
+
+def poisoned_allocation(match, arguments):
+    return f"::cmbn_emu::poisoned(at::{match.group(1)}({arguments}))"
+
+
+def translate(text):
+    text = rewrite_calls(text, LAUNCH, launch)
+    text = SHARED.sub(r"auto& \2 = ::cmbn_emu::shared_array<\1, \3>();", text)
+    text = rewrite_calls(text, ALLOCATION, poisoned_allocation)
+    text = text.replace(".is_cuda()", ".is_cpu()")
+    text = text.replace(REGISTRATION, "TORCH_LIBRARY_IMPL(cmbn_ext, CPU, m)")
+    for line in text.splitlines():  # a construct the patterns above do not know fails here, not in g++
+        code = line.split("//")[0]
+        if "<<<" in code or "__shared__" in code:
+            raise ValueError(f"translate.py cannot rewrite this CUDA construct: {line.strip()!r}")
+    return text
+
+
+def translate_tree(source_dir, target_dir):
+    """Translates every source of ``source_dir`` into ``target_dir`` (.cu files become .cpp) and
+    returns the paths of the translation units. Files whose text would not change are not rewritten,
+    so an unchanged tree is not recompiled."""
+    os.makedirs(target_dir, exist_ok=True)
+    units = []
+    for name in sorted(os.listdir(source_dir)):
+        if name in SKIPPED or not name.endswith((".cu", ".cuh", ".h", ".cpp")):
+            continue
+        with open(os.path.join(source_dir, name)) as source:
+            text = translate(source.read())
+        target_name = name[:-3] + ".cpp" if name.endswith(".cu") else name
+        target = os.path.join(target_dir, target_name)
+        if not os.path.exists(target) or _read(target) != text:
+            with open(target, "w") as out:
+                out.write(text)
+        if target_name.endswith(".cpp"):
+            units.append(target)
+    return units
+
+
+def _read(path):
+    with open(path) as file:
+        return file.read()
