@@ -269,29 +269,72 @@ class _CrossMiniBatchNorm(_BatchNorm):
             getattr(self, name).zero_()
 
     # ----------------------------------------------------------------------------------- checkpoints
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The window state means something else in each mode (and window): record which, so that a load
+        # into another layer can refuse it. state_dict() keys a module's metadata by prefix[:-1].
+        if hasattr(destination, "_metadata"):
+            local = destination._metadata.setdefault(prefix[:-1], {"version": self._version})
+            local.update(cmbn_mode=self.mode, cmbn_window=self.window)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A plain BatchNorm checkpoint has no window state: it loads as an empty window. (A partial
-        # state dict without BatchNorm's buffers leaves the window as it is.)
         has_window = any(prefix + name in state_dict for name in WINDOW_BUFFERS)
-        if not has_window and prefix + "running_mean" in state_dict:
+        # Checkpoints without the metadata (BatchNorm's, older ones, hand-built dicts) are trusted as before.
+        foreign = (has_window and "cmbn_mode" in local_metadata
+                   and not self._reads_window_state_of(local_metadata["cmbn_mode"],
+                                                       local_metadata.get("cmbn_window")))
+        refused = foreign and _holds_history(state_dict, prefix)
+        errors = [self._foreign_window_message(prefix, local_metadata)] if refused else []
+        # A plain BatchNorm checkpoint has no window state: it loads as an empty window, and so does the
+        # empty window of another mode or window, which means the same in every layer. (A partial state
+        # dict without BatchNorm's buffers leaves the window as it is.)
+        if (foreign and not refused) or (not has_window and prefix + "running_mean" in state_dict):
             for name in WINDOW_BUFFERS:
                 state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
         # All or nothing: a checkpoint of another shape must not leave the layer half loaded.
-        mismatched = [
-            f"size mismatch for {prefix}{name}: copying a param with shape {tuple(state_dict[prefix + name].shape)} "
-            f"from checkpoint, the shape in current model is {tuple(tensor.shape)}"
+        errors += [
+            f"size mismatch for {prefix}{name}: copying a param with shape "
+            f"{tuple(state_dict[prefix + name].shape)} from checkpoint, the shape in current model is "
+            f"{tuple(tensor.shape)}"
             + (" (the window state of another mode or window)" if name in WINDOW_BUFFERS else "")
             for name, tensor in [*self._parameters.items(), *self._buffers.items()]
             if tensor is not None and prefix + name in state_dict
             and isinstance(state_dict[prefix + name], torch.Tensor)
             and state_dict[prefix + name].shape != tensor.shape
+            and not (refused and name in WINDOW_BUFFERS)  # already named by the message above
         ]
-        if mismatched:
-            error_msgs.extend(mismatched)
+        if errors:
+            error_msgs.extend(errors)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _reads_window_state_of(self, mode, window):
+        """Whether this layer reads the window state of a layer with ``mode`` and ``window`` as meant.
+
+        EMA ignores the window. In sliding mode the window sizes the ring and ``window_step`` picks its
+        slot. In cumulative mode ``window_step`` counts toward the window's commit, so another window would
+        move the commit (and ``window=None`` never commits by count): the ``window`` setter may do that
+        on purpose, a checkpoint must not do it silently.
+        """
+        return mode == self.mode and (mode == "ema" or window == self.window)
+
+    def _foreign_window_message(self, prefix, local_metadata):
+        saved = f"mode={local_metadata['cmbn_mode']!r}, window={local_metadata.get('cmbn_window')}"
+        return (f"window state mismatch for {prefix}window_*: the checkpoint holds the window state of "
+                f"{saved}; this layer has mode={self.mode!r}, window={self.window}: build the layer with "
+                f"the checkpoint's mode and window, or load with the window state removed from the state "
+                f"dict")
+
+
+def _holds_history(state_dict, prefix):
+    """Whether a checkpoint's window state holds any history: a step or a count. One that cannot be
+    read here (missing, not a tensor, on the meta device) is taken to hold some."""
+    step, count = (state_dict.get(prefix + name) for name in ("window_step", "window_count"))
+    if not all(isinstance(t, torch.Tensor) and not t.is_meta for t in (step, count)):
+        return True
+    return bool(step.any()) or bool(count.any())
 
 
 def _history_dtype(dtype):

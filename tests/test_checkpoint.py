@@ -169,3 +169,138 @@ def test_convert_keeps_sharing_and_takes_device_and_dtype():
     assert converted.window_mean.dtype == torch.float64 and converted.window_mean.is_meta
     reverted = cmbn_ext.revert_to_batchnorm(model)
     assert reverted[0] is reverted[2] and type(reverted[0]) is torch.nn.BatchNorm2d
+
+
+def _mid_window(mode, window, steps=2):
+    layer = cmbn_ext.CrossMiniBatchNorm2d(3, mode=mode, window=window)
+    _steps(layer, [torch.randn(2, 3, 4, 4) + i for i in range(steps)])
+    return layer
+
+
+def _round_trip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+# (saved by, loaded into): the slot shapes match, so only the recorded mode and window tell them apart.
+FOREIGN = [
+    (("ema", 4), ("cumulative", 4)),
+    (("cumulative", 4), ("ema", 4)),
+    (("sliding", 2), ("cumulative", 2)),
+    (("cumulative", 4), ("cumulative", 3)),
+    (("cumulative", 4), ("cumulative", None)),
+    (("cumulative", None), ("cumulative", 4)),
+]
+
+
+def _pair_id(pair):
+    return f"{pair[0]}{pair[1]}" if isinstance(pair, tuple) and isinstance(pair[0], str) else None
+
+
+@pytest.mark.parametrize("saved,loaded", FOREIGN, ids=_pair_id)
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("through_file", [False, True])
+def test_window_state_of_another_mode_or_window_is_refused(saved, loaded, strict, through_file):
+    checkpoint = _mid_window(*saved).state_dict()
+    if through_file:
+        checkpoint = _round_trip(checkpoint)
+    layer = _mid_window(*loaded, steps=1)
+    before = state_of(layer)
+    expected = (f"the checkpoint holds the window state of mode='{saved[0]}', window={saved[1]}; "
+                f"this layer has mode='{loaded[0]}', window={loaded[1]}")
+    with pytest.raises(RuntimeError, match="window state mismatch") as raised:
+        layer.load_state_dict(checkpoint, strict=strict)  # error_msgs raise even when not strict
+    assert expected in str(raised.value)
+    assert "size mismatch" not in str(raised.value)
+    assert_same_state(before, state_of(layer))
+
+
+def test_sliding_window_change_is_named_not_just_a_size_mismatch():
+    layer = _mid_window("sliding", 4, steps=1)
+    before = state_of(layer)
+    with pytest.raises(RuntimeError, match="window state of mode='sliding', window=3; this layer has "
+                                           "mode='sliding', window=4"):
+        layer.load_state_dict(_mid_window("sliding", 3).state_dict())
+    assert_same_state(before, state_of(layer))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_mode_and_window_loads_and_continues_bit_for_bit(mode):
+    source = _mid_window(mode, 3)
+    layer = _mid_window(mode, 3, steps=1)
+    layer.load_state_dict(_round_trip(source.state_dict()))
+    assert_same_state(state_of(source), state_of(layer))
+    batches = [torch.randn(2, 3, 4, 4) for _ in range(4)]
+    _assert_outputs_equal(_steps(source, batches), _steps(layer, batches))
+
+
+def test_ema_ignores_the_window():
+    source = _mid_window("ema", 4)
+    layer = _mid_window("ema", None, steps=1)
+    layer.load_state_dict(source.state_dict())
+    assert_same_state(state_of(source), state_of(layer))
+
+
+@pytest.mark.parametrize("saved,loaded", FOREIGN + [(("sliding", 3), ("sliding", 4))], ids=_pair_id)
+def test_an_empty_window_loads_into_any_mode_and_window(saved, loaded):
+    source = _mid_window(*saved)
+    source.reset_window()  # the running statistics stay, the window holds nothing
+    layer = _mid_window(*loaded, steps=1)
+    layer.load_state_dict(_round_trip(source.state_dict()), strict=True)
+    for name, value in source.state_dict().items():
+        if not name.startswith("window"):
+            assert torch.equal(layer.state_dict()[name], value), name
+    assert layer.window_step.item() == 0 and layer.window_count.sum().item() == 0
+    assert layer.window_count.shape == (loaded[1] - 1 if loaded[0] == "sliding" else 1, 3)
+
+
+def test_removing_the_window_state_loads_the_rest_into_another_mode():
+    checkpoint = _mid_window("ema", 4).state_dict()
+    for name in ("window_count", "window_mean", "window_var", "window_step"):
+        del checkpoint[name]  # the metadata stays: it is the window state that is checked
+    layer = _mid_window("cumulative", 4, steps=1)
+    layer.load_state_dict(checkpoint, strict=True)
+    assert torch.equal(layer.running_mean, checkpoint["running_mean"])
+    assert layer.window_step.item() == 0 and layer.window_count.sum().item() == 0
+
+
+def test_checkpoints_without_the_metadata_load_as_before():
+    source = _mid_window("ema", 4)
+    checkpoint = dict(source.state_dict())  # a plain dict: no _metadata, as hand-built or older ones
+    layer = _mid_window("cumulative", 4, steps=1)
+    layer.load_state_dict(checkpoint, strict=True)
+    assert_same_state(state_of(source), state_of(layer))
+
+
+def test_nested_layers_are_checked_under_their_own_prefix():
+    def model(mode):
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 3, 1),
+            torch.nn.Sequential(cmbn_ext.CrossMiniBatchNorm2d(3, mode=mode, window=4)),
+            cmbn_ext.CrossMiniBatchNorm2d(3, mode="cumulative", window=4))
+
+    def train(net, steps):
+        for i in range(steps):
+            net(torch.randn(2, 3, 4, 4) + i).sum().backward()
+        return net
+
+    source = train(model("ema"), 2)
+    checkpoint = source.state_dict()
+    assert checkpoint._metadata["1.0"]["cmbn_mode"] == "ema"
+    assert checkpoint._metadata["2"]["cmbn_mode"] == "cumulative"
+    assert "cmbn_mode" not in checkpoint._metadata["0"] and "cmbn_mode" not in checkpoint._metadata[""]
+
+    same = train(model("ema"), 1)
+    same.load_state_dict(_round_trip(checkpoint))
+    assert_same_state(state_of(source), state_of(same))
+
+    other = train(model("cumulative"), 1)
+    before = state_of(other[1][0])
+    with pytest.raises(RuntimeError) as raised:
+        other.load_state_dict(_round_trip(checkpoint))
+    message = str(raised.value)
+    assert "window state mismatch for 1.0.window_*" in message and "mode='ema', window=4" in message
+    assert message.count("window state mismatch") == 1  # the layer under prefix "2" agrees
+    assert_same_state(before, state_of(other[1][0]))
