@@ -19,12 +19,11 @@ import torch
 import cmbn_ext
 from cmbn_ext import reference, window_state
 
-# CMBN_EMULATED_KERNELS=1 runs this module on the CPU against the same kernels compiled for the CPU
-# (tests/emulation; tests/test_emulated_kernels.py starts that run): CPU tensors stand for the device.
-EMULATED = os.environ.get("CMBN_EMULATED_KERNELS") == "1"
+# CMBN_EMULATED_KERNELS=1 (or asan) runs this module on the CPU against the same kernels compiled for
+# the CPU, which conftest.py loads (tests/emulation; tests/test_emulated_kernels.py starts that run):
+# CPU tensors stand for the device.
+EMULATED = os.environ.get("CMBN_EMULATED_KERNELS") in ("1", "asan")
 if EMULATED:
-    import emulation
-    emulation.load()
     DEVICE = "cpu"
 elif not torch.cuda.is_available() or not cmbn_ext.has_cuda_kernels():
     pytest.skip("needs a GPU and the compiled CUDA kernels (cmbn_ext._C)", allow_module_level=True)

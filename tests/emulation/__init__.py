@@ -7,11 +7,12 @@ only in a process that runs the kernel tests (tests/test_emulated_kernels.py sta
 
 The emulation runs each thread block's threads one after another between barriers, so it checks
 indexing, reductions, the split regimes and the math bit for bit reproducibly, but not timing or
-memory ordering; compute-sanitizer on a GPU (bench/gpu_check.sh) checks those.
+memory ordering; compute-sanitizer on a GPU (bench/gpu_check.sh) checks those. Built with
+AddressSanitizer, it also reports every read or write outside a tensor.
 """
 import os
+import subprocess
 
-import torch
 from torch.utils import cpp_extension
 
 from . import translate
@@ -21,20 +22,58 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 DEFAULT_BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "build", "emulated_kernels")
 
 
-def load(build_dir=None, verbose=False):
-    """Compiles (when a source changed) and loads the emulated kernels; returns the library path."""
-    build_dir = build_dir or os.environ.get("CMBN_EMULATION_BUILD_DIR", DEFAULT_BUILD_DIR)
+def load(address_sanitizer=False, verbose=False):
+    """Compiles (when a source changed) and loads the emulated kernels; returns the library path.
+
+    ``address_sanitizer=True`` builds them with AddressSanitizer, which reports any read or write
+    outside a tensor; the process must have its runtime preloaded (``asan_environment()``).
+    """
+    build_dir = os.environ.get("CMBN_EMULATION_BUILD_DIR", DEFAULT_BUILD_DIR)
+    name = "cmbn_ext_emulated_kernels"
+    flags = ["-O2"]
+    ldflags = []
+    if address_sanitizer:
+        build_dir, name = os.path.join(build_dir, "asan"), name + "_asan"
+        flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"]
+        ldflags = ["-fsanitize=address"]
     source_dir = os.path.join(build_dir, "src")
     units = translate.translate_tree(CSRC, source_dir)
-    flags = ["-O2", "-ffp-contract=off", "-Wno-unused-variable",
-             "-include", os.path.join(HERE, "cuda_runtime.h"),
-             "-include", os.path.join(HERE, "poisoned_tensors.h")]
-    return cpp_extension.load(
-        name="cmbn_ext_emulated_kernels",
-        sources=units,
-        extra_include_paths=[os.path.join(HERE, "include"), source_dir],
-        extra_cflags=flags,
-        build_directory=build_dir,
-        is_python_module=False,
-        verbose=verbose,
-    )
+    flags += ["-ffp-contract=off", "-Wno-unused-variable",
+              "-include", os.path.join(HERE, "cuda_runtime.h"),
+              "-include", os.path.join(HERE, "poisoned_tensors.h")]
+    preload = os.environ.pop("LD_PRELOAD", None)  # the compiler and linker run without the sanitizer
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=units,
+            extra_include_paths=[os.path.join(HERE, "include"), source_dir],
+            extra_cflags=flags,
+            extra_ldflags=ldflags,
+            build_directory=build_dir,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+
+
+def asan_environment():
+    """The environment a process needs to load the AddressSanitizer build, or None when the compiler
+    has no AddressSanitizer runtime. The C++ runtime is preloaded too, or the sanitizer cannot find
+    the real __cxa_throw for the first exception thrown after start-up (pybind11's, torch's). Leak
+    reports are off: the interpreter itself keeps memory."""
+    runtimes = [_compiler_file("libasan.so"), _compiler_file("libstdc++.so.6")]
+    if None in runtimes:
+        return None
+    return {"LD_PRELOAD": " ".join(runtimes), "ASAN_OPTIONS": "detect_leaks=0"}
+
+
+def _compiler_file(name):
+    """The path of the compiler's library ``name``, or None."""
+    try:
+        path = subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={name}"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return os.path.realpath(path) if os.path.isabs(path) else None  # else it echoes the bare name
