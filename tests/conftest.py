@@ -1,15 +1,12 @@
 """Shared helpers: independent expectations the layer is checked against."""
-import os
-
 import pytest
 import torch
 
+import emulation
+
 # CMBN_EMULATED_KERNELS=1 (or asan): the CUDA kernels compiled for the CPU serve CPU tensors in this
 # whole run (tests/emulation), so every layer test checks them too.
-if os.environ.get("CMBN_EMULATED_KERNELS") in ("1", "asan"):
-    import cmbn_ext  # noqa: F401  (defines the ops first)
-    import emulation
-    emulation.load(address_sanitizer=os.environ["CMBN_EMULATED_KERNELS"] == "asan")
+emulation.load_if_requested()
 
 
 @pytest.fixture(autouse=True)

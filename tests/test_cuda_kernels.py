@@ -11,18 +11,18 @@ state. Outputs are poisoned first (the caching allocator is filled with NaN byte
 kernel forgets to write fails the comparison. Skipped without a GPU or without the compiled kernels.
 """
 import copy
-import os
 
 import pytest
 import torch
 
 import cmbn_ext
+import emulation
 from cmbn_ext import reference, window_state
 
 # CMBN_EMULATED_KERNELS=1 (or asan) runs this module on the CPU against the same kernels compiled for
 # the CPU, which conftest.py loads (tests/emulation; tests/test_emulated_kernels.py starts that run):
 # CPU tensors stand for the device.
-EMULATED = os.environ.get("CMBN_EMULATED_KERNELS") in ("1", "asan")
+EMULATED = emulation.requested()
 if EMULATED:
     DEVICE = "cpu"
 elif not torch.cuda.is_available() or not cmbn_ext.has_cuda_kernels():

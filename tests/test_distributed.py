@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cmbn_ext
+import emulation
 
 CASES = [("cumulative", "renorm"), ("cumulative", "exact"), ("sliding", "renorm"), ("ema", "exact")]
 STEPS = 5
@@ -50,6 +51,7 @@ def _run(layer, x, dy):
 
 
 def _worker(rank, world, store_dir):
+    emulation.load_if_requested()  # a spawned process: the parent's kernels are not loaded here
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
     results = {}
     for mode, grad in CASES:

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_TESTS = os.path.join(HERE, "test_cuda_kernels.py")
 LAYER_TESTS = [os.path.join(HERE, name) for name in (
     "test_batchnorm_parity.py", "test_modes.py", "test_layouts_dtypes.py", "test_checkpoint.py",
-    "test_activation_checkpointing.py", "test_errors.py")]
+    "test_activation_checkpointing.py", "test_errors.py", "test_distributed.py")]
 GROUPS = {  # name -> pytest arguments
     "fused_ops": ["-k", "not phase_ops and not update_state", KERNEL_TESTS],
     "phase_ops": ["-k", "phase_ops", KERNEL_TESTS],

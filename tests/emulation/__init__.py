@@ -22,6 +22,19 @@ CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 DEFAULT_BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "build", "emulated_kernels")
 
 
+def requested():
+    """Whether this process is to run on the emulated kernels: CMBN_EMULATED_KERNELS=1, or asan for
+    the AddressSanitizer build."""
+    return os.environ.get("CMBN_EMULATED_KERNELS") in ("1", "asan")
+
+
+def load_if_requested():
+    """Loads the emulated kernels when ``requested()``, after the package has defined the ops."""
+    if requested():
+        import cmbn_ext  # noqa: F401
+        load(address_sanitizer=os.environ["CMBN_EMULATED_KERNELS"] == "asan")
+
+
 def load(address_sanitizer=False, verbose=False):
     """Compiles (when a source changed) and loads the emulated kernels; returns the library path.
 
