@@ -5,19 +5,22 @@
 //   - every thread of a block must reach the same barriers: a thread that returns while others wait
 //     at a barrier is reported as a divergent __syncthreads (a hang or worse on a GPU);
 //   - shared memory starts as 0xFF bytes (NaN) in every block, so a read before any write shows;
-//   - tensors the launchers allocate start as 0xFF bytes too (see emulated_empty below).
+//   - tensors the launchers allocate start as 0xFF bytes too (poisoned_tensors.h);
+//   - an access through a pointer not aligned to its type stops the process, as it stops a kernel.
 // It checks the kernels' indexing, reductions and math, not timing or memory ordering between
 // threads: compute-sanitizer on a GPU does that.
 #include <ucontext.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -162,6 +165,21 @@ T (&shared_array())[N] {
   }
   fiber.shared_cursor = offset + sizeof(T) * N;
   return *reinterpret_cast<T(*)[N]>(b.shared + offset);
+}
+
+// `reinterpret_cast<T*>(p)` becomes `aligned_reinterpret_cast<T*>(p)`: a GPU faults on an access through
+// a pointer that is not aligned to its type (a misaligned 16-byte pack), which a CPU would allow.
+template <typename To, typename From>
+To aligned_reinterpret_cast(From from) {
+  if constexpr (std::is_pointer_v<To> && std::is_pointer_v<From>) {
+    constexpr size_t alignment = alignof(std::remove_cv_t<std::remove_pointer_t<To>>);
+    if (reinterpret_cast<uintptr_t>(from) % alignment != 0) {
+      std::fprintf(stderr, "emulated CUDA: misaligned address %p for an access aligned to %zu bytes\n",
+                   static_cast<const void*>(from), alignment);
+      std::abort();  // as a GPU stops the kernel ("misaligned address")
+    }
+  }
+  return reinterpret_cast<To>(from);
 }
 
 // The SM count make_geometry sizes its grids by: an H100 SXM's by default, CMBN_EMULATED_SMS to change.

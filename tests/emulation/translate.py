@@ -5,6 +5,7 @@ Only the CUDA syntax is rewritten; the kernels and launchers are compiled as wri
   - ``__shared__ T name[N];`` -> ``auto& name = cmbn_emu::shared_array<T, N>();`` (see cuda_runtime.h)
   - ``at::empty(...)`` / ``at::empty_like(...)`` -> ``cmbn_emu::poisoned(...)``
   - ``.is_cuda()`` -> ``.is_cpu()``: CPU tensors stand for the emulated device's
+  - ``reinterpret_cast<`` -> ``cmbn_emu::aligned_reinterpret_cast<``, which stops at a misaligned pointer
   - ``TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m)`` -> ``(cmbn_ext, CPU, m)``: the emulated kernels serve CPU
     tensors, in place of the reference the package registers for them.
 """
@@ -76,6 +77,7 @@ def translate(text):
     text = SHARED.sub(r"auto& \2 = ::cmbn_emu::shared_array<\1, \3>();", text)
     text = rewrite_calls(text, ALLOCATION, poisoned_allocation)
     text = text.replace(".is_cuda()", ".is_cpu()")
+    text = text.replace("reinterpret_cast<", "::cmbn_emu::aligned_reinterpret_cast<")
     text = text.replace(REGISTRATION, "TORCH_LIBRARY_IMPL(cmbn_ext, CPU, m)")
     for line in text.splitlines():  # a construct the patterns above do not know fails here, not in g++
         code = line.split("//")[0]
