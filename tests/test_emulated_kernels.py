@@ -30,6 +30,8 @@ GROUPS = {  # name -> pytest arguments
 }
 ASAN = emulation.asan_environment()
 VARIANT = dict(ASAN, CMBN_EMULATED_KERNELS="asan") if ASAN else {"CMBN_EMULATED_KERNELS": "1"}
+if ASAN and os.environ.get("LD_PRELOAD"):  # the sanitizer's runtime first, then what was there
+    VARIANT["LD_PRELOAD"] = f"{ASAN['LD_PRELOAD']} {os.environ['LD_PRELOAD']}"
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")

@@ -5,14 +5,15 @@ emulation of the part of the CUDA runtime the kernels use, and loads the library
 Its kernels then serve ``torch.ops.cmbn_ext.*`` for CPU tensors, in place of the reference: load it
 only in a process that runs the kernel tests (tests/test_emulated_kernels.py starts one).
 
-The emulation runs each thread block's threads one after another between barriers, so it checks
-indexing, reductions, the split regimes and the math bit for bit reproducibly, but not timing or
-memory ordering; compute-sanitizer on a GPU (bench/gpu_check.sh) checks those. Built with
-AddressSanitizer, it also reports every read or write outside a tensor.
+The emulation runs each thread block's threads one after another between barriers, in a shuffled but
+reproducible order, so it checks indexing, barriers, reductions, the split regimes and the math, but
+not timing or memory ordering; compute-sanitizer on a GPU (bench/gpu_check.sh) checks those. Built
+with AddressSanitizer, it also reports every read or write outside a tensor.
 """
 import os
 import subprocess
 
+import torch
 from torch.utils import cpp_extension
 
 from . import translate
@@ -51,12 +52,13 @@ def load(address_sanitizer=False, verbose=False):
         ldflags = ["-fsanitize=address"]
     source_dir = os.path.join(build_dir, "src")
     units = translate.translate_tree(CSRC, source_dir)
-    flags += ["-ffp-contract=off", "-Wno-unused-variable",
+    # Uninitialized locals start as a pattern (NaN-like), not as what the previous block left.
+    flags += ["-ffp-contract=off", "-ftrivial-auto-var-init=pattern", "-Wno-unused-variable",
               "-include", os.path.join(HERE, "cuda_runtime.h"),
               "-include", os.path.join(HERE, "poisoned_tensors.h")]
     preload = os.environ.pop("LD_PRELOAD", None)  # the compiler and linker run without the sanitizer
     try:
-        return cpp_extension.load(
+        library = cpp_extension.load(
             name=name,
             sources=units,
             extra_include_paths=[os.path.join(HERE, "include"), source_dir],
@@ -69,6 +71,20 @@ def load(address_sanitizer=False, verbose=False):
     finally:
         if preload is not None:
             os.environ["LD_PRELOAD"] = preload
+    _check_serves_cpu(source_dir)
+    return library
+
+
+def _check_serves_cpu(source_dir):
+    """Every op's CPU kernel must now be the emulated one: a test run on the reference would pass
+    without checking any kernel."""
+    from cmbn_ext.ops import REFERENCE  # every op, by name
+
+    for op in REFERENCE:
+        table = torch._C._dispatch_dump_table(f"cmbn_ext::{op}")
+        cpu = next((line for line in table.splitlines() if line.startswith("CPU:")), "")
+        if source_dir not in cpu:
+            raise RuntimeError(f"the emulated kernels do not serve cmbn_ext::{op} on the CPU ({cpu!r})")
 
 
 def asan_environment():

@@ -1,7 +1,9 @@
 #pragma once
 // The part of the CUDA runtime the kernels in csrc/ use, on the CPU: force-included (g++ -include)
 // into every translated source. Each block runs alone, its threads as fibers on one OS thread that
-// switch only at __syncthreads(), so a kernel runs deterministically and:
+// switch only at __syncthreads(). Blocks, and the threads between two barriers, run in an order
+// shuffled by a fixed-seed generator, so a missing barrier or a dependence between blocks shows in
+// whichever direction it reads, and the same program gives the same results. Besides:
 //   - every thread of a block must reach the same barriers: a thread that returns while others wait
 //     at a barrier is reported as a divergent __syncthreads (a hang or worse on a GPU);
 //   - shared memory starts as 0xFF bytes (NaN) in every block, so a read before any write shows;
@@ -11,6 +13,7 @@
 // threads: compute-sanitizer on a GPU does that.
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -18,6 +21,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -67,6 +71,8 @@ struct Block {
   alignas(16) unsigned char shared[kSharedBytes];
   const std::function<void()>* kernel = nullptr;
   size_t current = 0;
+  std::vector<size_t> order;  // the order the threads run in until the next barrier
+  std::mt19937_64 shuffle{20261128};
 };
 
 inline Block& block() {
@@ -111,9 +117,12 @@ inline void run_block(const dim3& block_index, const std::function<void()>& kern
     fiber.context.uc_link = &b.scheduler;
     makecontext(&fiber.context, fiber_main, 0);
   }
+  b.order.resize(threads);
+  for (size_t t = 0; t < threads; ++t) b.order[t] = t;
   for (;;) {
-    // Run every thread up to its next barrier (or its end), in thread order.
-    for (size_t t = 0; t < threads; ++t) {
+    // Run every thread up to its next barrier (or its end), in a new order each time.
+    std::shuffle(b.order.begin(), b.order.end(), b.shuffle);
+    for (const size_t t : b.order) {
       if (b.fibers[t].state != FiberState::kRunnable) continue;
       b.current = t;
       threadIdx = b.fibers[t].index;
@@ -147,9 +156,12 @@ inline void launch(dim3 grid, dim3 block_shape, const std::function<void()>& ker
   }
   blockDim = block_shape;
   gridDim = grid;
+  std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) run_block(dim3(x, y, z), kernel);
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+  std::shuffle(blocks.begin(), blocks.end(), block().shuffle);
+  for (const dim3& index : blocks) run_block(index, kernel);
 }
 
 // `__shared__ T name[N];` becomes `auto& name = shared_array<T, N>();`: every thread of the block

@@ -91,12 +91,14 @@ def translate_tree(source_dir, target_dir):
     returns the paths of the translation units. Files whose text would not change are not rewritten,
     so an unchanged tree is not recompiled."""
     os.makedirs(target_dir, exist_ok=True)
-    units = []
+    units, registrations = [], 0
     for name in sorted(os.listdir(source_dir)):
         if name in SKIPPED or not name.endswith((".cu", ".cuh", ".h", ".cpp")):
             continue
         with open(os.path.join(source_dir, name)) as source:
-            text = translate(source.read())
+            text = source.read()
+        registrations += text.count(REGISTRATION)
+        text = translate(text)
         target_name = name[:-3] + ".cpp" if name.endswith(".cu") else name
         target = os.path.join(target_dir, target_name)
         if not os.path.exists(target) or _read(target) != text:
@@ -104,6 +106,8 @@ def translate_tree(source_dir, target_dir):
                 out.write(text)
         if target_name.endswith(".cpp"):
             units.append(target)
+    if registrations != 1:  # else the kernels would not serve CPU tensors, and the reference would
+        raise ValueError(f"expected one {REGISTRATION!r} in {source_dir}, found {registrations}")
     return units
 
 
