@@ -8,7 +8,8 @@ dtype (fp16, bf16, fp32, fp64, AMP fp32 parameters with half input, no affine), 
 channels_last, channels_last_3d, (N, C), (N, C, L)), both gradients, many odd shapes, the split
 regimes, more than 2^24 values per channel, bitwise determinism, opcheck, torch.compile and the layer
 state. Outputs are poisoned first (the caching allocator is filled with NaN bytes) so an element a
-kernel forgets to write fails the comparison. Skipped without a GPU or without the compiled kernels.
+kernel forgets to write fails the comparison. Skipped without a GPU or without the compiled kernels,
+unless CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation).
 """
 import copy
 
