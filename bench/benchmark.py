@@ -5,7 +5,7 @@ pure-PyTorch path and torch.compile of it, as times, ratios and shares of the me
     python3 bench/benchmark.py --device cpu  [--out DIR]   # CPU: reference, BatchNorm2d, article sample
 
 Results go to ``DIR/<device>.json`` and ``DIR/<device>.md`` (default DIR: bench/results) and the table
-is printed. The GPU part holds itself to ``--budget-s`` seconds (default 140, for bench/gpu_check.sh):
+is printed. The GPU part holds itself to ``--budget-s`` seconds (default 140; bench/gpu_check.sh gives 90):
 the pure-PyTorch path runs in a subprocess with ``CMBN_DISABLE_KERNELS=1`` so the package is used as
 shipped; whatever does not fit the budget, or fails, is recorded as such in the table and the run goes
 on. Timers, bandwidth and launch counts are in ``timing.py``, the tables in ``report.py``.
@@ -352,6 +352,10 @@ def run_compiled(configs, device, settings, deadline, count_jobs, emit):
     """
     from torch._dynamo.utils import counters
 
+    if not hasattr(torch.compiler, "set_stance"):  # torch < 2.6: recompiles could not be refused
+        for shape, dtype_key in configs:
+            emit(skipped(shape, dtype_key, "compiled", "needs torch.compiler.set_stance (torch >= 2.6)"))
+        return
     seen_breaks = set()
     compiled = {"fwd": torch.compile(reference_forward, dynamic=True),
                 "fwd+bwd": torch.compile(reference_train_step, dynamic=True)}

@@ -184,8 +184,7 @@ def kernels_per_window(events):
             index = window_of(ev.start_ns(), ev.end_ns())
             if index is not None:
                 owner[ev.correlation_id()] = index
-    kernels = [ev for ev in events if ev.device_type() == cuda and is_kernel_activity(ev.activity_type(),
-                                                                                         ev.name())]
+    kernels = [ev for ev in events if ev.device_type() == cuda and is_kernel_event(ev)]
     counts = collections.Counter()
     for ev in kernels:
         index = owner.get(ev.linked_correlation_id()) if ev.linked_correlation_id() else None
@@ -199,9 +198,33 @@ def kernels_per_window(events):
     return dict(counts)
 
 
-def is_kernel_activity(activity, name):
-    """True for a device activity that is a kernel (not a copy, memset, sync or the GPU side of a
-    ``record_function`` range)."""
-    if activity:  # kineto: "kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation", ...
+# Device activities that are not kernels, by name, for torch versions whose events do not say their
+# activity type (2.11): copies, memsets, synchronizations.
+NOT_KERNEL_NAMES = ("Memcpy", "Memset", "Context Sync", "Stream Sync", "Event Sync", "Stream Wait Event")
+
+
+def is_kernel_event(event):
+    """True for a device event that is a kernel (not a copy, memset, sync or the GPU side of a
+    ``record_function`` range).
+
+    Recent torch names the kineto activity (``activity_type()``: "kernel", "gpu_memcpy", "gpu_memset",
+    "gpu_user_annotation", ...; torch 2.14 has it); torch 2.11 lacks that method, and then the event's
+    user-annotation flag and its name decide.
+    """
+    activity = _call_if_present(event, "activity_type")
+    if isinstance(activity, str) and activity:
         return activity == "kernel"
-    return not name.startswith(("Memcpy", "Memset", "Context Sync", "Event Sync", WINDOW_PREFIX))
+    if _call_if_present(event, "is_user_annotation"):
+        return False
+    return not event.name().startswith((*NOT_KERNEL_NAMES, WINDOW_PREFIX))
+
+
+def _call_if_present(event, method):
+    """``event.method()``, or None where this torch's events do not have that method."""
+    bound = getattr(event, method, None)
+    if bound is None:
+        return None
+    try:
+        return bound()
+    except (RuntimeError, TypeError):  # bound but not supported for this event
+        return None
