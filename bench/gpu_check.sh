@@ -4,16 +4,18 @@
 #   2. the GPU tests (tests/test_cuda_kernels.py);
 #   3. CmBN over a one-rank NCCL group against the layer alone (bench/nccl_case.py);
 #   4. compute-sanitizer memcheck and racecheck on a small case (bench/sanitizer_case.py);
-#   5. the benchmark (bench/benchmark.py), only when the kernels loaded.
+#   5. the host cost per call against BatchNorm2d (bench/host_overhead.py) and the benchmark
+#      (bench/benchmark.py), only when the kernels loaded.
 # A failing step does not stop the next ones. Every step, the Python probes included, runs under
 # `timeout`, and the whole check is held to a budget (default 420 s); the benchmark's share is kept
 # for it, so slow sanitizers cannot starve it.
 #
-# OUT_DIR ends with at most 5 files, because a remote runner may bring back only a few:
+# OUT_DIR ends with at most 7 files, because a remote runner may bring back only a few:
 #   summary.txt       the steps' status and times, the machine and tools (rewritten after each step)
 #   tests.log         the GPU tests' output
 #   logs.tar.gz       every step's log (rewritten after each step, so a stopped run keeps what ran)
-#   <device>.json/.md the benchmark's results (bench/results/ holds the committed ones)
+#   <device>.json/.md, host-<device>.json/.md
+#                     the benchmarks' results (bench/results/ holds the committed ones)
 #
 # Usage: bench/gpu_check.sh [OUT_DIR]      (default: /tmp/cmbn_gpu_check)
 # Environment:
@@ -177,8 +179,10 @@ else
 fi
 
 if [[ "$LOADED" != "True" ]]; then
+    skip_step host "the kernels did not load: it would time the pure-PyTorch path"
     skip_step benchmark "the kernels did not load: it would time the pure-PyTorch path"
 else
+    run_step host 60 "$BENCH_S" "$PY" bench/host_overhead.py --device cuda --out "$OUT"
     # The benchmark holds itself to its budget; its step gets a margin on top for start and report.
     LEFT=$((DEADLINE - SECONDS))
     BENCH_LIMIT=$((LEFT < BENCH_S ? LEFT : BENCH_S))

@@ -1,14 +1,18 @@
 """The op boundary: ``torch.ops.cmbn_ext.*``.
 
-``cmbn_forward`` and ``cmbn_backward`` are the fused single-process ops the layers call;
-``CrossMiniBatchNormFunction`` binds the second to the first for autograd. The phase ops split them where the distributed path puts its collectives:
-``cmbn_batch_stats`` then ``cmbn_pooled_forward`` in the forward, ``cmbn_backward_sums`` then
-``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with an ``autograd.Function``).
-``cmbn_update_state`` folds a micro-batch into the layer's buffers, in place (``window_state.py``).
+``cmbn_train_forward`` is what a layer calls for a training micro-batch: the forward and the state
+update in one op, differentiable (in C++ when the extension ``cmbn_ext._C`` is built, else through
+``CrossMiniBatchNormFunction``). It is ``cmbn_forward`` followed by ``cmbn_update_state``, the ops
+that ``torch.compile`` and evaluation use; ``CrossMiniBatchNormFunction`` binds ``cmbn_backward`` to
+``cmbn_forward`` for autograd. The phase ops split them where the distributed path puts its
+collectives: ``cmbn_batch_stats`` then ``cmbn_pooled_forward`` in the forward, ``cmbn_backward_sums``
+then ``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with an
+``autograd.Function``). ``cmbn_update_state`` folds a micro-batch into the layer's buffers, in place
+(``window_state.py``).
 
 The schemas are defined here, once. ``reference.py`` implements every op on the CPU, and on CUDA for
-each op the compiled extension ``cmbn_ext._C`` has no kernel for. Fakes make the ops traceable by
-``torch.compile``. All ops but ``cmbn_update_state`` are functional.
+each op the compiled extension has no kernel for. Fakes make the ops traceable by ``torch.compile``.
+All ops but ``cmbn_update_state`` and ``cmbn_train_forward`` are functional.
 """
 import importlib
 import os
@@ -50,6 +54,13 @@ _lib.define(
     "Tensor(g!)? num_batches_tracked, SymInt m, Tensor mean, Tensor var, Tensor batch_mean, "
     "Tensor batch_var, str layer_mode, int? window, float? momentum) -> ()"
 )
+_lib.define(
+    "cmbn_train_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) window_count, "
+    "Tensor(b!) window_mean, Tensor(c!) window_var, Tensor(d!) window_step, "
+    "Tensor(e!)? running_mean, Tensor(f!)? running_var, Tensor(g!)? num_batches_tracked, float eps, "
+    "float? ema_momentum, bool exact_grad, str layer_mode, int? window, float? momentum) "
+    "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"
+)
 
 
 def _load_kernels():
@@ -84,6 +95,19 @@ def _reference_forward(x, weight, bias, history_count, history_mean, history_var
                              ema_momentum)
 
 
+def _reference_train_forward(x, weight, bias, window_count, window_mean, window_var, window_step,
+                             running_mean, running_var, num_batches_tracked, eps, ema_momentum,
+                             exact_grad, layer_mode, window, momentum):
+    outputs = reference.forward(x, weight, bias, window_count, window_mean, window_var, eps,
+                                ema_momentum)
+    m = reference.values_per_channel(x)
+    if m:  # an empty micro-batch leaves the state as it is
+        window_state.update_state(window_count, window_mean, window_var, window_step, running_mean,
+                                  running_var, num_batches_tracked, m, *outputs[1:5], layer_mode,
+                                  window, momentum)
+    return outputs
+
+
 def _without_grad(function):
     """The non-differentiable ops: their outputs never carry an autograd graph."""
     def run(*args):
@@ -100,19 +124,32 @@ REFERENCE = {
     "cmbn_backward_sums": _without_grad(reference.backward_sums),
     "cmbn_backward_dx": _without_grad(reference.backward_dx),
     "cmbn_update_state": _without_grad(window_state.update_state),
+    "cmbn_train_forward": _without_grad(_reference_train_forward),
 }
+# The one differentiable op; the compiled extension gives it autograd in C++.
+DIFFERENTIABLE = "cmbn_train_forward"
+HAS_CPP_AUTOGRAD = torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{DIFFERENTIABLE}",
+                                                                  "Autograd")
 for _name, _function in REFERENCE.items():
     _lib.impl(_name, _function, "CPU")
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", "CUDA"):
         _lib.impl(_name, _function, "CUDA")
-    # The ops are not differentiable themselves: autograd passes straight through to the kernels
-    # (CrossMiniBatchNormFunction and distributed.py differentiate the layer).
-    _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+    if _name != DIFFERENTIABLE:
+        # Not differentiable themselves: autograd passes straight through to the kernels
+        # (CrossMiniBatchNormFunction and distributed.py differentiate the layer).
+        _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_forward")
 def _forward_fake(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
                   exact_grad):
+    return (torch.empty_like(x), *(_channel_stats(x) for _ in range(5)))
+
+
+@torch.library.register_fake("cmbn_ext::cmbn_train_forward")
+def _train_forward_fake(x, weight, bias, window_count, window_mean, window_var, window_step,
+                        running_mean, running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
+                        layer_mode, window, momentum):
     return (torch.empty_like(x), *(_channel_stats(x) for _ in range(5)))
 
 
@@ -192,3 +229,23 @@ def input_grads(ctx, grad_x, grad_weight, grad_bias, weight):
             grad_weight.to(weight.dtype) if needs_weight else None,
             grad_bias.to(ctx.bias_dtype) if needs_bias else None,
             *[None] * (len(ctx.needs_input_grad) - 3))
+
+
+def _train_forward_autograd(x, weight, bias, window_count, window_mean, window_var, window_step,
+                            running_mean, running_var, num_batches_tracked, eps, ema_momentum,
+                            exact_grad, layer_mode, window, momentum):
+    """``cmbn_train_forward``'s autograd where the compiled extension does not give it one in C++:
+    ``CrossMiniBatchNormFunction``, then the state update (the same math, at more host cost)."""
+    outputs = CrossMiniBatchNormFunction.apply(x, weight, bias, window_count, window_mean, window_var,
+                                               eps, ema_momentum, exact_grad)
+    m = reference.values_per_channel(x)
+    if m:
+        with torch.no_grad():
+            torch.ops.cmbn_ext.cmbn_update_state(window_count, window_mean, window_var, window_step,
+                                                 running_mean, running_var, num_batches_tracked, m,
+                                                 *outputs[1:5], layer_mode, window, momentum)
+    return outputs
+
+
+if not HAS_CPP_AUTOGRAD:
+    _lib.impl(DIFFERENTIABLE, _train_forward_autograd, "Autograd")

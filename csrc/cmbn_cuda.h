@@ -54,4 +54,16 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
                             std::string_view layer_mode, std::optional<int64_t> window,
                             std::optional<double> momentum);
 
+// cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, at::Tensor& window_count,
+                        at::Tensor& window_mean, at::Tensor& window_var, at::Tensor& window_step,
+                        const std::optional<at::Tensor>& running_mean,
+                        const std::optional<at::Tensor>& running_var,
+                        const std::optional<at::Tensor>& num_batches_tracked, double eps,
+                        std::optional<double> ema_momentum, bool exact_grad,
+                        std::string_view layer_mode, std::optional<int64_t> window,
+                        std::optional<double> momentum);
+
 }  // namespace cmbn

@@ -36,6 +36,9 @@ case "$1" in
   bench/benchmark.py)
     while [[ $# -gt 0 && "$1" != --out ]]; do shift; done
     echo '{}' >"$2/nvidia-h200.json"; echo '| table |' >"$2/nvidia-h200.md"; echo "targets met: 1 of 1" ;;
+  bench/host_overhead.py)
+    while [[ $# -gt 0 && "$1" != --out ]]; do shift; done
+    echo '{}' >"$2/host-nvidia-h200.json"; echo '| table |' >"$2/host-nvidia-h200.md" ;;
   *) echo "ran $1" ;;
 esac
 """
@@ -81,28 +84,29 @@ def run_check(machine, **env):
 def step_lines(summary):
     return {line.split()[0]: line for line in summary.splitlines()
             if line.split() and line.split()[0] in ("build", "kernels", "tests", "nccl", "memcheck",
-                                                     "racecheck", "benchmark")}
+                                                     "racecheck", "host", "benchmark")}
 
 
 def test_full_check_leaves_few_files_and_runs_every_step(fake_machine):
     proc, files, summary, logs, calls, _ = run_check(fake_machine)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert files == ["logs.tar.gz", "nvidia-h200.json", "nvidia-h200.md", "summary.txt", "tests.log"]
+    assert files == ["host-nvidia-h200.json", "host-nvidia-h200.md", "logs.tar.gz", "nvidia-h200.json",
+                     "nvidia-h200.md", "summary.txt", "tests.log"]
     assert len(files) <= MAX_FILES_BACK
     steps = step_lines(summary)
-    assert list(steps) == ["build", "tests", "nccl", "memcheck", "racecheck", "benchmark"]
+    assert list(steps) == ["build", "tests", "nccl", "memcheck", "racecheck", "host", "benchmark"]
     assert all(" ok " in line for line in steps.values()), summary
     assert "RESULT: all steps passed" in summary and "kernel: 6.18.44-fc" in summary
     assert "nvcc:" in summary and "compute-sanitizer:" in summary and "ninja:" in summary
-    assert logs == ["benchmark.log", "build.log", "environment.log", "memcheck.log", "nccl.log",
-                    "racecheck.log", "tests.log"]
+    assert logs == ["benchmark.log", "build.log", "environment.log", "host.log", "memcheck.log",
+                    "nccl.log", "racecheck.log", "tests.log"]
     assert "python bench/nccl_case.py NCCL_DEBUG=WARN" in calls
     sanitizer_calls = [line for line in calls.splitlines() if line.startswith("compute-sanitizer --tool")]
     assert len(sanitizer_calls) == 2 and all("--launch-timeout 60" in c for c in sanitizer_calls)
     # The NCCL case runs before the sanitizers, and the benchmark last, within its share of the budget.
     order = [line.split()[1] for line in calls.splitlines() if line.startswith("python bench/")]
     assert order == ["bench/nccl_case.py", "bench/sanitizer_case.py", "bench/sanitizer_case.py",
-                     "bench/benchmark.py"]
+                     "bench/host_overhead.py", "bench/benchmark.py"]
     assert "--budget-s 90" in calls and "--shapes" not in calls
 
 
@@ -112,7 +116,7 @@ def test_short_mode_runs_build_tests_and_one_benchmark_shape(fake_machine):
     assert len(files) <= MAX_FILES_BACK and "summary.txt" in files
     steps = step_lines(summary)
     assert all("SKIPPED (short mode)" in steps[name] for name in ("nccl", "memcheck", "racecheck"))
-    assert " ok " in steps["build"] and " ok " in steps["tests"] and " ok " in steps["benchmark"]
+    assert all(" ok " in steps[name] for name in ("build", "tests", "host", "benchmark"))
     assert "180s budget" in summary.splitlines()[0] and "short mode" in summary.splitlines()[0]
     assert "--shapes 8x64x56x56 --no-compile" in calls and "--budget-s 35" in calls
     assert "compute-sanitizer --tool" not in calls and "nccl_case" not in calls
@@ -123,7 +127,8 @@ def test_no_benchmark_when_the_kernels_did_not_load(fake_machine):
     assert proc.returncode != 0
     assert "NOT LOADED" in step_lines(summary)["kernels"]
     assert "SKIPPED (the kernels did not load" in step_lines(summary)["benchmark"]
-    assert "bench/benchmark.py" not in calls and "summary.txt" in files
+    assert "SKIPPED (the kernels did not load" in step_lines(summary)["host"]
+    assert "bench/benchmark.py" not in calls and "host_overhead" not in calls and "summary.txt" in files
 
 
 def test_sanitizers_skipped_under_gvisor(fake_machine):
@@ -143,5 +148,5 @@ def test_a_hanging_step_is_stopped_at_the_budget(fake_machine):
     steps = step_lines(summary)
     assert "TIMED OUT" in steps["build"]
     assert all("SKIPPED (out of time)" in steps[name] for name in ("tests", "nccl", "memcheck",
-                                                                    "racecheck", "benchmark"))
+                                                                    "racecheck", "host", "benchmark"))
     assert "build.log" in logs and files == ["logs.tar.gz", "summary.txt"]
