@@ -3,14 +3,23 @@
 ``CMBN_BUILD_CUDA=1`` compiles the kernels even without a GPU (they need nvcc and a CUDA build of
 torch); ``CMBN_BUILD_CUDA=0`` never compiles them; unset, they are built when a GPU is visible.
 ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default: 8.0, 8.6, 9.0 and PTX).
+
+The kernels compile against the torch already installed, which pip's build isolation hides (it builds
+in a fresh environment with only the build requirements): ``pip install --no-build-isolation -e .``
+lets the build see it. Without torch, the pure-PyTorch package is built, or with ``CMBN_BUILD_CUDA=1``
+the build stops and says what to run.
 """
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import setup
 
 DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
+NO_TORCH = ("torch is not importable in this build environment. pip builds in an isolated environment "
+            "without your torch unless told otherwise: install torch first (pip install torch), then "
+            "run pip install --no-build-isolation -e .")
 
 
 def _say(message):
@@ -31,8 +40,14 @@ def cuda_extension():
     if not sources or choice == "0":
         _say("building the pure-PyTorch package (no CUDA kernels)")
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if choice == "1":
+            sys.exit(f"cmbn_ext setup: CMBN_BUILD_CUDA=1, but {NO_TORCH}")
+        _say(f"building the pure-PyTorch package (no CUDA kernels): {NO_TORCH} to compile them")
+        return [], {}
 
     if choice != "1" and not torch.cuda.is_available():
         _say("no GPU visible: building the pure-PyTorch package; set CMBN_BUILD_CUDA=1 to compile the "
@@ -55,5 +70,6 @@ def cuda_extension():
     return [extension], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = cuda_extension()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import it
+    ext_modules, cmdclass = cuda_extension()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

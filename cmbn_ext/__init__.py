@@ -1,11 +1,23 @@
 """Cross mini-Batch Normalization (CmBN) for PyTorch: BatchNorm whose statistics pool the micro-batches
 of one gradient-accumulation step, with CUDA kernels and a pure-PyTorch fallback."""
 from .convert import convert_batchnorm, end_window, reset_window, revert_to_batchnorm
-from .modules import CrossMiniBatchNorm1d, CrossMiniBatchNorm2d, CrossMiniBatchNorm3d
+from .hooks import end_windows_on_step
+from .modules import (CrossMiniBatchNorm1d, CrossMiniBatchNorm2d, CrossMiniBatchNorm3d,
+                      OpenWindowWarning, SyncCrossMiniBatchNorm)
 from .ops import has_cuda_kernels
 
 __all__ = [
-    "CrossMiniBatchNorm1d", "CrossMiniBatchNorm2d", "CrossMiniBatchNorm3d",
+    "CrossMiniBatchNorm1d", "CrossMiniBatchNorm2d", "CrossMiniBatchNorm3d", "SyncCrossMiniBatchNorm",
+    "OpenWindowWarning",
     "convert_batchnorm", "revert_to_batchnorm", "end_window", "reset_window", "has_cuda_kernels",
+    "end_windows_on_step",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # timm's counterpart loads on first use: its module loads timm (optional), import cmbn_ext must not.
+    if name == "CrossMiniBatchNormAct2d":
+        from .norm_act import CrossMiniBatchNormAct2d
+        return CrossMiniBatchNormAct2d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,59 +1,137 @@
 """Model-wide helpers: swap BatchNorm layers for CmBN and back, and end or reset every window."""
+import collections
+import sys
+import warnings
+
 import torch
+import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modules import (CrossMiniBatchNorm1d, CrossMiniBatchNorm2d, CrossMiniBatchNorm3d,
-                      _CrossMiniBatchNorm)
+                      SyncCrossMiniBatchNorm, _CrossMiniBatchNorm)
 
 _TO_CMBN = {
     torch.nn.BatchNorm1d: CrossMiniBatchNorm1d,
     torch.nn.BatchNorm2d: CrossMiniBatchNorm2d,
     torch.nn.BatchNorm3d: CrossMiniBatchNorm3d,
+    torch.nn.SyncBatchNorm: SyncCrossMiniBatchNorm,
 }
 _TO_BATCHNORM = {cmbn: bn for bn, cmbn in _TO_CMBN.items()}
 
 
+def _timm_to_cmbn():
+    """timm's norm+act layers and their counterpart, once timm is loaded: a model that holds timm's
+    layers has loaded it, and a conversion must not import timm for the others."""
+    timm_layers = sys.modules.get("timm.layers.norm_act")
+    if timm_layers is None:
+        return {}
+    from .norm_act import CrossMiniBatchNormAct2d
+    return {timm_layers.BatchNormAct2d: CrossMiniBatchNormAct2d,
+            timm_layers.SyncBatchNormAct: CrossMiniBatchNormAct2d}
+
+
 def _swap(module, cls, **kwargs):
-    """A ``cls`` layer with the options of ``module`` (``eps``, ``momentum``, and the device and dtype
-    of its tensors, unless ``kwargs`` set them), sharing its parameters and statistics."""
+    """A ``cls`` layer with the options of ``module`` (``eps``, ``momentum``, the device and dtype of
+    its tensors, a process group, unless ``kwargs`` set them), sharing its parameters, statistics, and
+    a timm layer's activation and dropout."""
     reference = module.running_mean if module.running_mean is not None else module.weight
     factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}
-    options = {"eps": module.eps, "momentum": module.momentum, **factory, **kwargs}
+    options = {"eps": module.eps, "momentum": module.momentum, **factory,
+               **_kept_options(module, cls, kwargs), **kwargs}
     swapped = cls(module.num_features, affine=module.affine,
                   track_running_stats=module.track_running_stats, **options)
     # The same Parameter objects, so an optimizer built before the swap keeps working.
     swapped.weight, swapped.bias = module.weight, module.bias
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         setattr(swapped, name, getattr(module, name))
+    for name in ("drop", "act"):
+        if name in module._modules:
+            swapped.add_module(name, module._modules[name])
     swapped.train(module.training)
     return swapped
 
 
-def convert_batchnorm(module, **kwargs):
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` inside ``module`` by ``CrossMiniBatchNorm1d/2d/3d``.
+def _kept_options(module, cls, chosen):
+    """What ``cls`` must be told beyond BatchNorm's options: the process group of a SyncBatchNorm
+    (unless ``chosen`` sets one), and that a timm layer's activation is moved over rather than built."""
+    options = {"apply_act": False} if "act" in module._modules else {}
+    if "process_group" in chosen:
+        return options
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        group = module.process_group
+        if group is None and cls is not SyncCrossMiniBatchNorm:  # there None means "alone"
+            group = _default_group(module)
+        options["process_group"] = group
+    elif cls is torch.nn.SyncBatchNorm:
+        options["process_group"] = module.process_group
+    return options
 
+
+def _default_group(module):
+    """The group a SyncBatchNorm without one pools over: the default group, once there is one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    warnings.warn(f"convert_batchnorm: {type(module).__name__} without a process_group pools over the "
+                  f"default group, but torch.distributed is not initialized yet: its CmBN layer pools "
+                  f"within each process. Convert after init_process_group(), or pass process_group=")
+    return None
+
+
+def convert_batchnorm(module, **kwargs):
+    """Replace every BatchNorm layer inside ``module`` by its CmBN counterpart.
+
+    ``torch.nn.BatchNorm1d/2d/3d`` become ``CrossMiniBatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``
+    becomes ``SyncCrossMiniBatchNorm`` with its process group, and timm's ``BatchNormAct2d`` and
+    ``SyncBatchNormAct`` become ``CrossMiniBatchNormAct2d`` with their activation and dropout.
     Parameters and running statistics are kept (the very tensors), and so are ``eps``, ``momentum``,
-    ``affine``, ``track_running_stats``, the training flag, and a layer's sharing between several
-    places. ``kwargs`` are the CmBN options (``mode``, ``window``, ``grad``, ``process_group``); they may
-    also set ``momentum`` or ``eps`` anew (EMA mode takes its weight from ``momentum``), and ``device``
-    and ``dtype`` for layers without tensors of their own (``affine=False`` and no running statistics).
-    Only those exact classes are converted: subclasses of BatchNorm may carry behaviour of their own.
-    Returns the converted module (a new one when ``module`` itself is a BatchNorm layer); the children
-    of ``module`` are replaced in place.
+    ``affine``, a missing bias, ``track_running_stats``, the training flag, and a layer's sharing
+    between several places. ``kwargs`` are the CmBN options (``mode``, ``window``, ``grad``,
+    ``process_group``); they may also set ``momentum`` or ``eps`` anew (EMA mode takes its weight from
+    ``momentum``), and ``device`` and ``dtype`` for layers without tensors of their own
+    (``affine=False`` and no running statistics).
+
+    Only those exact classes are converted: other subclasses of BatchNorm may carry behaviour of their
+    own, and one warning lists the ones left as they are. Returns the converted module (a new one when
+    ``module`` itself is a BatchNorm layer); the children of ``module`` are replaced in place.
 
     Example::
 
-        model = cmbn_ext.convert_batchnorm(torchvision.models.resnet18(), window=4)
+        model = cmbn_ext.convert_batchnorm(timm.create_model("cspdarknet53"), window=4)
     """
-    return _convert(module, _TO_CMBN, kwargs, {})
+    converted = _convert(module, {**_TO_CMBN, **_timm_to_cmbn()}, kwargs, {})
+    left = [layer for layer in converted.modules()
+            if isinstance(layer, _BatchNorm) and not isinstance(layer, _CrossMiniBatchNorm)]
+    _warn_left("convert_batchnorm", left, "it converts torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm and "
+               "timm's BatchNormAct2d and SyncBatchNormAct, not other subclasses, which may behave "
+               "differently (a Lazy one becomes BatchNorm at its first forward: run one first)")
+    return converted
 
 
 def revert_to_batchnorm(module):
-    """Replace every CmBN layer inside ``module`` by the ``torch.nn.BatchNorm*d`` it came from.
+    """Replace every CmBN layer inside ``module`` by the BatchNorm it came from: ``torch.nn.BatchNorm*d``,
+    ``torch.nn.SyncBatchNorm`` (with its process group), or timm's ``BatchNormAct2d`` (with its
+    activation and dropout).
 
     Parameters and running statistics are kept; the window state is dropped (call ``end_window`` first
     to commit it). For export, fusion, ONNX and inference tooling that knows only BatchNorm.
     """
-    return _convert(module, _TO_BATCHNORM, {}, {})
+    to_timm = {cmbn: timm_layer for timm_layer, cmbn in _timm_to_cmbn().items()
+               if not issubclass(timm_layer, torch.nn.SyncBatchNorm)}  # BatchNormAct2d
+    reverted = _convert(module, {**_TO_BATCHNORM, **to_timm}, {}, {})
+    _warn_left("revert_to_batchnorm",
+               [layer for layer in reverted.modules() if isinstance(layer, _CrossMiniBatchNorm)],
+               "their BatchNorm class is not available (timm's, for CrossMiniBatchNormAct2d) or they "
+               "are subclasses")
+    return reverted
+
+
+def _warn_left(function, layers, why):
+    """One warning naming the classes of the layers left unconverted, if any."""
+    if not layers:
+        return
+    counts = collections.Counter(f"{type(layer).__module__}.{type(layer).__qualname__}" for layer in layers)
+    names = ", ".join(f"{name} ({count})" for name, count in counts.items())
+    warnings.warn(f"{function} left {len(layers)} layer(s) as they are: {names}; {why}")
 
 
 def _convert(module, classes, kwargs, converted):

@@ -3,13 +3,23 @@
 They subclass ``torch.nn.modules.batchnorm._BatchNorm`` (same parameters, buffers, ``state_dict`` keys
 and printing) and add the window state of SPEC section 5 as four buffers, ``window_count``,
 ``window_mean``, ``window_var`` and ``window_step`` (``window_state.py`` says what they hold).
+``SyncCrossMiniBatchNorm`` is the counterpart of ``torch.nn.SyncBatchNorm``; ``norm_act.py`` adds the
+counterpart of timm's ``BatchNormAct2d``.
 
-A training forward is two ops: ``cmbn_forward`` (through ``CrossMiniBatchNormFunction`` for
-autograd) and ``cmbn_update_state`` (in place on the buffers). Neither branches in Python on a tensor's
-value, so a model that contains the layer compiles with ``torch.compile(fullgraph=True)`` (without a
-``process_group``: the distributed path reads the group's count on the host).
+A training forward is one op, ``cmbn_train_forward``: the normalization and the update of the buffers,
+with its autograd in C++ when the extension is built. The Python forward around it does no more per call
+than BatchNorm's (options are checked when set, buffers read from the module's dicts), and nothing
+branches in Python on a tensor's value, so a model that contains the layer compiles with
+``torch.compile(fullgraph=True)`` (without a ``process_group``: the distributed path reads the group's
+count on the host). A forward that activation checkpointing recomputes runs ``cmbn_forward`` through
+``CrossMiniBatchNormFunction``, without touching the state a second time.
 """
+import math
+import numbers
+import warnings
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -21,6 +31,28 @@ from .window_state import commit_window
 MODES = ("cumulative", "sliding", "ema")
 GRADS = ("renorm", "exact")
 WINDOW_BUFFERS = ("window_count", "window_mean", "window_var", "window_step")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# window=None pools until end_window(); a window this long means it was most likely forgotten.
+LONG_WINDOW = 1024
+
+
+class OpenWindowWarning(UserWarning):
+    """A window left open where it is most likely a mistake: at ``eval()``, or growing without end."""
+
+
+_warned = set()  # the kinds of OpenWindowWarning given so far: each is said once per process
+
+
+def _warn_once(kind, message):
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(message, OpenWindowWarning)
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive, finite float (it keeps 1 / sqrt(var + eps) finite), got "
+                         f"{eps!r}")
 
 
 def _check_options(mode, window, grad, momentum, process_group):
@@ -39,8 +71,12 @@ def _check_options(mode, window, grad, momentum, process_group):
     if mode == "ema" and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
                           or not 0 < momentum <= 1):
         raise ValueError(f"mode='ema' needs momentum to be a float in (0, 1], got {momentum!r}")
-    if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got "
+    if isinstance(process_group, str):
+        if process_group != "world":
+            raise ValueError(f"process_group must be a torch.distributed.ProcessGroup, 'world' or None, "
+                             f"got {process_group!r}")
+    elif process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, 'world' or None, got "
                         f"{type(process_group).__name__}")
 
 
@@ -48,36 +84,52 @@ class _CrossMiniBatchNorm(_BatchNorm):
     """Cross mini-Batch Normalization: BatchNorm whose training statistics pool earlier micro-batches.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype: as in
-            ``torch.nn.BatchNorm2d``.
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias: as in
+            ``torch.nn.BatchNorm2d`` (``bias=False``, keyword-only: a weight without a bias). ``eps``
+            must be positive.
         mode: ``"cumulative"`` (default) pools every earlier micro-batch of the current window;
             ``"sliding"`` pools the previous ``window - 1`` micro-batches; ``"ema"`` pools an exponential
-            average with weight ``momentum`` for the current micro-batch.
+            average with weight ``momentum`` for the current micro-batch. BatchNorm's default
+            ``momentum=0.1`` then averages over about 19 micro-batches (``2 / momentum - 1``); pass
+            ``momentum=2 / (k + 1)`` to average over about ``k``, e.g. 0.4 for the 4 micro-batches of
+            an optimizer step (the demo does). The default stays BatchNorm's so that ``momentum`` keeps
+            one default in every mode, and ``convert_batchnorm`` keeps each layer's own.
         window: micro-batches per window (int >= 1), typically the micro-batches of one optimizer step.
             ``None`` (cumulative only) accumulates until ``end_window()``. Unused by ``"ema"``.
         grad: ``"renorm"`` (default, scale-invariant like BatchNorm) or ``"exact"`` (the exact gradient
             of the forward with history held constant); see SPEC section 4.
-        process_group: a ``torch.distributed`` process group whose ranks pool their micro-batches too
-            (``torch.distributed.group.WORLD`` for all); ``None`` (default) keeps each process alone.
+        process_group: a ``torch.distributed`` process group whose ranks pool their micro-batches too,
+            or ``"world"`` for all ranks (the default group, looked up at each training forward, so
+            the layer may be built before ``init_process_group``); ``None`` (default) keeps each
+            process alone. ``torch.distributed.group.WORLD`` is ``None`` until the process group is
+            initialized: passed before then, it silently means "alone", which ``"world"`` avoids.
 
     With ``window=1`` in cumulative mode the layer is exactly ``torch.nn.BatchNorm*d``. The window state
     is kept in fp32 (fp64 in an fp64 layer) whatever the layer's dtype. ``mode`` is fixed at
-    construction, and so is ``window`` in sliding mode.
+    construction, and so is ``window`` in sliding mode. As in BatchNorm, the parameters and running
+    statistics must have the input's dtype, or be fp32 for fp16/bf16 input (autocast).
+
+    A cumulative window still open at ``eval()`` (its micro-batches are not in the running statistics),
+    and a ``window=None`` window of ``LONG_WINDOW`` micro-batches (a forgotten ``end_window()``), each
+    give an ``OpenWindowWarning``, once per process.
     """
 
     _version = 2
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
-                 mode="cumulative", window=4, grad="renorm", process_group=None, device=None,
-                 dtype=None):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True, mode="cumulative", window=4, grad="renorm",
+                 process_group=None):
+        _check_eps(eps)
         _check_options(mode, window, grad, momentum, process_group)
+        # bias only when False: torch releases before the argument have only the default
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
-                         dtype=dtype)
+                         dtype=dtype, **({} if bias else {"bias": False}))
         self._mode = mode
         self._window = window
         self._grad = grad
         self.process_group = process_group
         self._checkpoint_history = None  # see _history_for
+        self._open_micro_batches = 0  # host-side count toward LONG_WINDOW (window=None)
         slots = window - 1 if mode == "sliding" else 1
         history = {"device": device, "dtype": _history_dtype(dtype or torch.get_default_dtype())}
         self.register_buffer("window_count",
@@ -106,6 +158,11 @@ class _CrossMiniBatchNorm(_BatchNorm):
             raise AttributeError("the window of mode='sliding' is fixed at construction (it sizes the "
                                  "ring of history slots)")
         self._window = value
+
+    def __setattr__(self, name, value):
+        if name == "eps":  # checked when set, not at every forward; a plain attribute, as in BatchNorm
+            _check_eps(value)
+        super().__setattr__(name, value)
 
     @property
     def grad(self):
@@ -139,19 +196,23 @@ class _CrossMiniBatchNorm(_BatchNorm):
             return self._forward_eval(x)
         recomputed = _recomputing()
         history = self._history_for(x, recomputed)
-        if self.process_group is not None:
-            return self._forward_across_group(x, history, recomputed)
+        group = self._active_group()
+        if group is not None:
+            return self._forward_across_group(x, history, recomputed, group)
         m = values_per_channel(x)
         if m == 0:
             return self._empty_output(x)
         if m == 1:
             self._check_more_than_one_value(x, history[0])
-        y, mean, var, batch_mean, batch_var, _ = CrossMiniBatchNormFunction.apply(
-            x, self.weight, self.bias, *history, self.eps, self._ema_momentum(), self.grad == "exact")
-        if not recomputed:
-            with torch.no_grad():
-                self._update_state(m, mean, var, batch_mean, batch_var)
-        return y
+        params = self._parameters  # dict lookups: nn.Module attribute access costs host time per call
+        if recomputed:  # the first run of this micro-batch updated the state already
+            return CrossMiniBatchNormFunction.apply(x, params["weight"], params["bias"], *history, self.eps,
+                                                    self._ema_momentum(), self._grad == "exact")[0]
+        self._count_open_micro_batch()
+        return torch.ops.cmbn_ext.cmbn_train_forward(
+            x, params["weight"], params["bias"], *history, self._buffers["window_step"],
+            *self._tracked_running_stats(), self.eps, self._ema_momentum(), self._grad == "exact",
+            self._mode, self._window if self._mode == "cumulative" else None, self.momentum)[0]
 
     def _forward_eval(self, x):
         """As BatchNorm: the running statistics whenever the layer has them, else the batch alone."""
@@ -166,13 +227,20 @@ class _CrossMiniBatchNorm(_BatchNorm):
         return CrossMiniBatchNormFunction.apply(x, self.weight, self.bias, *no_history, self.eps, None,
                                                 self.grad == "exact")[0]
 
-    def _forward_across_group(self, x, history, recomputed):
-        """Training with statistics shared across ``process_group`` (``distributed.py``). Every rank
-        must call it, an empty micro-batch included: it takes part in the collectives."""
-        check_group_matches(self.process_group, x)
+    def _active_group(self):
+        """The process group this training forward pools across, or None for this process alone."""
+        group = self.process_group
+        if group.__class__ is str:  # "world": looked up now, so it can be given before init
+            return _world_group(type(self).__name__)
+        return group
+
+    def _forward_across_group(self, x, history, recomputed, group):
+        """Training with statistics shared across ``group`` (``distributed.py``). Every rank must call
+        it, an empty micro-batch included: it takes part in the collectives."""
+        check_group_matches(group, x)
         y, mean, var, batch_mean, batch_var, count = GroupCrossMiniBatchNorm.apply(
             x, self.weight, self.bias, *history, self.eps, self._ema_momentum(), self.grad == "exact",
-            self.process_group, self.window_step)
+            group, self.window_step)
         count = int(count)
         if count == 1:
             self._check_more_than_one_value(x, history[0])
@@ -188,7 +256,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
         backward. That recomputation must pool with the history the first run saw, and must not count
         the micro-batch twice: a forward that may be recomputed keeps a copy of its history for it.
         """
-        history = (self.window_count, self.window_mean, self.window_var)
+        buffers = self._buffers
+        history = (buffers["window_count"], buffers["window_mean"], buffers["window_var"])
         if torch.compiler.is_compiling():
             return history
         if recomputed:
@@ -199,30 +268,48 @@ class _CrossMiniBatchNorm(_BatchNorm):
                     f"history is gone: with CmBN inside a checkpointed region, run each micro-batch's "
                     f"backward before the next micro-batch's forward")
             return saved[1]
-        self._checkpoint_history = (x.shape, tuple(t.clone() for t in history)) \
-            if _may_be_recomputed() else None
+        if _may_be_recomputed():
+            self._checkpoint_history = (x.shape, tuple(t.clone() for t in history))
+        elif self._checkpoint_history is not None:  # nn.Module's __setattr__ costs host time per call
+            self._checkpoint_history = None
         return history
 
     def _ema_momentum(self):
         """The weight of the current micro-batch in EMA mode (None in the other modes)."""
-        if self.mode != "ema":
+        if self._mode != "ema":
             return None
-        _check_options(self.mode, self.window, self.grad, self.momentum, None)
-        return float(self.momentum)
+        momentum = self.momentum
+        if momentum.__class__ is not float:  # momentum is a plain attribute: check what it was set to
+            _check_options(self._mode, self._window, self._grad, momentum, None)
+            momentum = float(momentum)
+        elif not 0 < momentum <= 1:
+            _check_options(self._mode, self._window, self._grad, momentum, None)
+        return momentum
 
     def _check_input(self, x):
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
         self._check_input_dim(x)
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
+        dtype = x.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating-point input, got dtype {dtype}")
         if x.shape[1] != self.num_features:
             raise ValueError(f"{name}: expected {self.num_features} channels (num_features), got input of "
                              f"shape {tuple(x.shape)}")
-        if x.device != self.window_mean.device:
+        params, buffers = self._parameters, self._buffers  # cheaper than attribute access, per call
+        if x.device != buffers["window_mean"].device:
             raise RuntimeError(f"{name}: input is on {x.device} but the layer is on "
-                               f"{self.window_mean.device}; move one of them with .to()")
+                               f"{buffers['window_mean'].device}; move one of them with .to()")
+        for tensor_name, tensor in (("weight", params.get("weight")), ("bias", params.get("bias")),
+                                    ("running_mean", buffers.get("running_mean")),
+                                    ("running_var", buffers.get("running_var"))):
+            if tensor is not None and tensor.dtype != dtype and not (
+                    tensor.dtype == torch.float32 and dtype in HALF_DTYPES):
+                raise RuntimeError(
+                    f"{name}: input of dtype {dtype} but {tensor_name} of dtype {tensor.dtype}: as in "
+                    f"BatchNorm, the parameters and running statistics must have the input's dtype, or "
+                    f"be float32 for float16/bfloat16 input (autocast); convert one with .to()")
 
     def _check_more_than_one_value(self, x, history_count):
         if bool((history_count.sum(0) == 0).any()):
@@ -232,9 +319,11 @@ class _CrossMiniBatchNorm(_BatchNorm):
     def _empty_output(self, x):
         """An empty micro-batch: an empty output, still connected to the parameters; no state changes."""
         y = x.clone()
-        if self.affine:
-            y = (y * channel_view(self.weight, x) + channel_view(self.bias, x)).to(x.dtype)
-        return y
+        if self.weight is not None:
+            y = y * channel_view(self.weight, x)
+        if self.bias is not None:
+            y = y + channel_view(self.bias, x)
+        return y.to(x.dtype)
 
     # ------------------------------------------------------------------------------------------- state
     def _update_state(self, m, mean, var, batch_mean, batch_var):
@@ -243,6 +332,18 @@ class _CrossMiniBatchNorm(_BatchNorm):
             self.window_count, self.window_mean, self.window_var, self.window_step,
             *self._tracked_running_stats(), m, mean, var, batch_mean, batch_var, self.mode,
             self.window if self.mode == "cumulative" else None, self.momentum)
+        self._count_open_micro_batch()
+
+    def _count_open_micro_batch(self):
+        """Warn once when a ``window=None`` window grows past ``LONG_WINDOW`` micro-batches."""
+        if self._window is None and self._mode == "cumulative" and not torch.compiler.is_compiling():
+            # Counted on the host: reading window_step would wait for the device at every forward.
+            self._open_micro_batches += 1
+            if self._open_micro_batches == LONG_WINDOW:
+                _warn_once("long", f"{type(self).__name__} with window=None has pooled {LONG_WINDOW} "
+                                   f"micro-batches without end_window(): call cmbn_ext.end_window(model) "
+                                   f"after each optimizer step, or set window= to the micro-batches per "
+                                   f"step")
 
     @torch.no_grad()
     def end_window(self):
@@ -254,12 +355,14 @@ class _CrossMiniBatchNorm(_BatchNorm):
         if self.mode == "cumulative":
             commit_window(self.window_count, self.window_mean, self.window_var, self.window_step,
                           *self._tracked_running_stats(), self.momentum)
+            self._open_micro_batches = 0
 
     def _tracked_running_stats(self):
         """The running buffers to update: none once ``track_running_stats`` is off, as in BatchNorm."""
         if not self.track_running_stats:
             return None, None, None
-        return self.running_mean, self.running_var, self.num_batches_tracked
+        buffers = self._buffers
+        return buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
 
     @torch.no_grad()
     def reset_window(self):
@@ -267,6 +370,31 @@ class _CrossMiniBatchNorm(_BatchNorm):
         starts a new average; the running statistics are kept."""
         for name in WINDOW_BUFFERS:
             getattr(self, name).zero_()
+        self._open_micro_batches = 0
+        self._checkpoint_history = None
+
+    def reset_running_stats(self):
+        """BatchNorm's, and the window emptied: after ``to_empty()`` (FSDP, loaders that build on the
+        meta device) ``reset_parameters()`` must leave no uninitialized history."""
+        super().reset_running_stats()
+        if "window_step" in self._buffers:  # _BatchNorm.__init__ resets before the window exists
+            self.reset_window()
+
+    def train(self, mode=True):
+        if self.training and not mode:
+            self._warn_if_window_open()
+        return super().train(mode)
+
+    def _warn_if_window_open(self):
+        """At ``eval()``: a cumulative window's micro-batches are not in the running statistics yet."""
+        if self.mode != "cumulative" or self.running_mean is None or self.window_step.is_meta:
+            return
+        steps = int(self.window_step)
+        if steps:
+            _warn_once("eval", f"{type(self).__name__} goes to eval() with an open window of {steps} "
+                               f"micro-batch(es) that the running statistics do not hold yet: call "
+                               f"cmbn_ext.end_window(model) after each optimizer step (or before eval(); "
+                               f"reset_window(model) drops them)")
 
     # ----------------------------------------------------------------------------------- checkpoints
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -288,8 +416,9 @@ class _CrossMiniBatchNorm(_BatchNorm):
         errors = [self._foreign_window_message(prefix, local_metadata)] if refused else []
         # A plain BatchNorm checkpoint has no window state: it loads as an empty window, and so does the
         # empty window of another mode or window, which means the same in every layer. (A partial state
-        # dict without BatchNorm's buffers leaves the window as it is.)
-        if (foreign and not refused) or (not has_window and prefix + "running_mean" in state_dict):
+        # dict without BatchNorm's entries leaves the window as it is.)
+        if (foreign and not refused) or (
+                not has_window and self._is_batchnorm_checkpoint(state_dict, prefix, local_metadata)):
             for name in WINDOW_BUFFERS:
                 state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
         # All or nothing: a checkpoint of another shape must not leave the layer half loaded.
@@ -309,6 +438,17 @@ class _CrossMiniBatchNorm(_BatchNorm):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _is_batchnorm_checkpoint(self, state_dict, prefix, local_metadata):
+        """Whether a state dict without window state holds this layer as BatchNorm saves it: its running
+        mean; without running statistics, all its parameters; with neither, the metadata that
+        ``state_dict()`` writes for every module."""
+        if self.running_mean is not None:
+            return prefix + "running_mean" in state_dict
+        parameters = [name for name, p in self._parameters.items() if p is not None]
+        if parameters:
+            return all(prefix + name in state_dict for name in parameters)
+        return "version" in local_metadata
 
     def _reads_window_state_of(self, mode, window):
         """Whether this layer reads the window state of a layer with ``mode`` and ``window`` as meant.
@@ -335,6 +475,14 @@ def _holds_history(state_dict, prefix):
     if not all(isinstance(t, torch.Tensor) and not t.is_meta for t in (step, count)):
         return True
     return bool(step.any()) or bool(count.any())
+
+
+def _world_group(name):
+    """The default process group, for ``process_group="world"``; an error if there is none yet."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{name}: process_group='world' but torch.distributed is not initialized: call "
+                           f"torch.distributed.init_process_group() before the first training forward")
+    return dist.group.WORLD
 
 
 def _history_dtype(dtype):
@@ -384,3 +532,28 @@ class CrossMiniBatchNorm3d(_CrossMiniBatchNorm):
     def _check_input_dim(self, x):
         if x.dim() != 5:
             raise ValueError(f"{type(self).__name__}: expected 5D input (got {x.dim()}D input)")
+
+
+class SyncCrossMiniBatchNorm(_CrossMiniBatchNorm):
+    """CmBN over ``(N, C, *)`` input, pooled across a process group; the drop-in for
+    ``torch.nn.SyncBatchNorm`` (``convert_batchnorm`` makes one of each, keeping its group).
+
+    As in SyncBatchNorm, ``process_group=None`` is the default group whenever ``torch.distributed`` is
+    initialized with more than one process, and the layer pools alone otherwise. ``options``:
+    the keyword-only arguments of the other layers (``bias``, ``mode``, ``window``, ``grad``).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, **options):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         process_group=process_group, **options)
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__}: expected at least 2D input (got {x.dim()}D input)")
+
+    def _active_group(self):
+        if self.process_group is None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return super()._active_group()

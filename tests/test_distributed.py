@@ -55,7 +55,8 @@ def _worker(rank, world, store_dir):
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
     results = {}
     for mode, grad in CASES:
-        layer = _layer(mode, grad, dist.group.WORLD)
+        # "world" names the same group, looked up at the forward
+        layer = _layer(mode, grad, "world" if mode == "ema" else dist.group.WORLD)
         steps = []
         for step, sizes in enumerate(_sizes(world)):
             x, dy = _data(step, sum(sizes))
@@ -121,3 +122,17 @@ def test_ddp_example_runs_with_gloo():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "step   1  loss" in run.stdout and "held-out accuracy" in run.stdout
+
+
+def test_world_before_init_process_group_is_a_clear_error():
+    """process_group="world" may be given before init_process_group, but training without a process
+    group then says so instead of silently running alone; the state is left as it was."""
+    assert not dist.is_initialized()
+    layer = _layer("cumulative", "renorm", "world")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        layer(torch.randn(4, C, 2, 3, dtype=torch.float64))
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    layer.eval()(torch.randn(4, C, 2, 3, dtype=torch.float64))  # eval pools nothing: no group needed
+    with pytest.raises(ValueError, match="'world'"):
+        _layer("cumulative", "renorm", "everyone")
