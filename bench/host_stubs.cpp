@@ -25,7 +25,7 @@ Six train_forward(const Tensor& x, const std::optional<Tensor>&, const std::opti
                   Tensor&, Tensor&, Tensor&, Tensor&, const std::optional<Tensor>&,
                   const std::optional<Tensor>&, const std::optional<Tensor>&, double,
                   std::optional<double>, bool, std::string_view, std::optional<int64_t>,
-                  std::optional<double>) {
+                  std::optional<double>, bool) {
   return {at::empty_like(x), channel_stats(x), channel_stats(x), channel_stats(x),
           channel_stats(x), channel_stats(x)};
 }
@@ -39,7 +39,7 @@ Six forward(const Tensor& x, const std::optional<Tensor>&, const std::optional<T
 void update_state(Tensor&, Tensor&, Tensor&, Tensor&, const std::optional<Tensor>&,
                   const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, const Tensor&,
                   const Tensor&, const Tensor&, const Tensor&, std::string_view,
-                  std::optional<int64_t>, std::optional<double>) {}
+                  std::optional<int64_t>, std::optional<double>, bool) {}
 
 std::tuple<Tensor, Tensor, Tensor> cmbn_backward(const Tensor& grad_y, const Tensor& x,
                                                  const std::optional<Tensor>&, const Tensor& mean,

@@ -1,6 +1,7 @@
 """Cross mini-Batch Normalization (CmBN) for PyTorch: BatchNorm whose statistics pool the micro-batches
 of one gradient-accumulation step, with CUDA kernels and a pure-PyTorch fallback."""
-from .convert import convert_batchnorm, end_window, reset_window, revert_to_batchnorm
+from .convert import (convert_batchnorm, convert_deferred_batch_norm, end_window, reset_window,
+                      revert_to_batchnorm)
 from .hooks import end_windows_on_step
 from .modules import (CrossMiniBatchNorm1d, CrossMiniBatchNorm2d, CrossMiniBatchNorm3d,
                       OpenWindowWarning, SyncCrossMiniBatchNorm)
@@ -9,8 +10,8 @@ from .ops import has_cuda_kernels
 __all__ = [
     "CrossMiniBatchNorm1d", "CrossMiniBatchNorm2d", "CrossMiniBatchNorm3d", "SyncCrossMiniBatchNorm",
     "OpenWindowWarning",
-    "convert_batchnorm", "revert_to_batchnorm", "end_window", "reset_window", "has_cuda_kernels",
-    "end_windows_on_step",
+    "convert_batchnorm", "convert_deferred_batch_norm", "revert_to_batchnorm", "end_window",
+    "reset_window", "has_cuda_kernels", "end_windows_on_step",
 ]
 __version__ = "0.1.0"
 

@@ -107,6 +107,24 @@ def convert_batchnorm(module, **kwargs):
     return converted
 
 
+def convert_deferred_batch_norm(module, chunks=1):
+    """torchgpipe's and fairscale's ``DeferredBatchNorm.convert_deferred_batch_norm``: every BatchNorm
+    inside ``module`` becomes a CmBN layer in ``mode="deferred"`` with a window of ``chunks``
+    micro-batches.
+
+    Each micro-batch is normalized with its own statistics, exactly as BatchNorm does, and the running
+    statistics are committed once per ``chunks`` micro-batches from their pooled statistics: after a
+    window they equal BatchNorm's over the window's micro-batches concatenated. It is
+    ``convert_batchnorm(module, mode="deferred", window=chunks)``, for code that migrates from
+    torchgpipe or fairscale.
+
+    Example::
+
+        model = cmbn_ext.convert_deferred_batch_norm(model, chunks=4)  # 4 micro-batches per step
+    """
+    return convert_batchnorm(module, mode="deferred", window=chunks)
+
+
 def revert_to_batchnorm(module):
     """Replace every CmBN layer inside ``module`` by the BatchNorm it came from: ``torch.nn.BatchNorm*d``,
     ``torch.nn.SyncBatchNorm`` (with its process group), or timm's ``BatchNormAct2d`` (with its

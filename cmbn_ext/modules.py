@@ -23,13 +23,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .ops import CrossMiniBatchNormFunction
+from .ops import CrossMiniBatchNormFunction, normalization_history
 from .distributed import GroupCrossMiniBatchNorm, check_group_matches
 from .reference import channel_view, values_per_channel
 from .window_state import commit_window
 
-MODES = ("cumulative", "sliding", "ema")
+MODES = ("cumulative", "sliding", "ema", "deferred")
+# The modes whose windows end (after `window` micro-batches, or at end_window()) and are committed.
+WINDOWED_MODES = ("cumulative", "deferred")
 GRADS = ("renorm", "exact")
+# When the running statistics of a windowed mode are updated: once per window, or after every
+# micro-batch from the pooled statistics of the window so far (Darknet's CmBN).
+RUNNING_STATS = ("window", "micro_batch")
 WINDOW_BUFFERS = ("window_count", "window_mean", "window_var", "window_step")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # window=None pools until end_window(); a window this long means it was most likely forgotten.
@@ -55,15 +60,20 @@ def _check_eps(eps):
                          f"{eps!r}")
 
 
-def _check_options(mode, window, grad, momentum, process_group):
+def _check_options(mode, window, grad, momentum, process_group, running_stats="window"):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if grad not in GRADS:
         raise ValueError(f"grad must be one of {GRADS}, got {grad!r}")
+    if running_stats not in RUNNING_STATS:
+        raise ValueError(f"running_stats must be one of {RUNNING_STATS}, got {running_stats!r}")
+    if running_stats == "micro_batch" and mode not in WINDOWED_MODES:
+        raise ValueError(f"running_stats='micro_batch' is for the modes {WINDOWED_MODES}: mode={mode!r} "
+                         f"updates the running statistics after every micro-batch already")
     if window is None:
         if mode == "sliding":
-            raise ValueError("window=None is for mode='cumulative' (accumulate until end_window()); "
-                             "mode='sliding' needs an int window >= 1")
+            raise ValueError("window=None is for mode='cumulative' or 'deferred' (accumulate until "
+                             "end_window()); mode='sliding' needs an int window >= 1")
     elif isinstance(window, bool) or not isinstance(window, int):
         raise TypeError(f"window must be an int >= 1 or None, got {window!r}")
     elif window < 1:
@@ -94,8 +104,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
             ``momentum=2 / (k + 1)`` to average over about ``k``, e.g. 0.4 for the 4 micro-batches of
             an optimizer step (the demo does). The default stays BatchNorm's so that ``momentum`` keeps
             one default in every mode, and ``convert_batchnorm`` keeps each layer's own.
+            ``"deferred"`` (torchgpipe's and fairscale's DeferredBatchNorm) normalizes each micro-batch
+            with its own statistics, exactly as BatchNorm does, and pools the window's micro-batches
+            for the running statistics only.
         window: micro-batches per window (int >= 1), typically the micro-batches of one optimizer step.
-            ``None`` (cumulative only) accumulates until ``end_window()``. Unused by ``"ema"``.
+            ``None`` (cumulative and deferred) accumulates until ``end_window()``. Unused by
+            ``"ema"``.
         grad: ``"renorm"`` (default, scale-invariant like BatchNorm) or ``"exact"`` (the exact gradient
             of the forward with history held constant); see SPEC section 4.
         process_group: a ``torch.distributed`` process group whose ranks pool their micro-batches too,
@@ -103,30 +117,36 @@ class _CrossMiniBatchNorm(_BatchNorm):
             the layer may be built before ``init_process_group``); ``None`` (default) keeps each
             process alone. ``torch.distributed.group.WORLD`` is ``None`` until the process group is
             initialized: passed before then, it silently means "alone", which ``"world"`` avoids.
+        running_stats: ``"window"`` (default) commits each window's pooled statistics to the running
+            statistics once, when it ends; ``"micro_batch"`` (cumulative and deferred modes) updates
+            them after every micro-batch from the pooled statistics of the window so far, as Darknet's
+            CmBN does (``num_batches_tracked`` then counts micro-batches). Fixed at construction.
 
     With ``window=1`` in cumulative mode the layer is exactly ``torch.nn.BatchNorm*d``. The window state
-    is kept in fp32 (fp64 in an fp64 layer) whatever the layer's dtype. ``mode`` is fixed at
-    construction, and so is ``window`` in sliding mode. As in BatchNorm, the parameters and running
-    statistics must have the input's dtype, or be fp32 for fp16/bf16 input (autocast).
+    is kept in fp32 (fp64 in an fp64 layer) whatever the layer's dtype. ``mode`` and ``running_stats``
+    are fixed at construction, and so is ``window`` in sliding mode. As in BatchNorm, the parameters
+    and running statistics must have the input's dtype, or be fp32 for fp16/bf16 input (autocast).
 
-    A cumulative window still open at ``eval()`` (its micro-batches are not in the running statistics),
-    and a ``window=None`` window of ``LONG_WINDOW`` micro-batches (a forgotten ``end_window()``), each
-    give an ``OpenWindowWarning``, once per process.
+    A cumulative or deferred window still open at ``eval()`` (its micro-batches are not in the running
+    statistics), and a ``window=None`` window of ``LONG_WINDOW`` micro-batches (a forgotten
+    ``end_window()``), each give an ``OpenWindowWarning``, once per process.
     """
 
     _version = 2
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True, mode="cumulative", window=4, grad="renorm",
-                 process_group=None):
+                 process_group=None, running_stats="window"):
         _check_eps(eps)
-        _check_options(mode, window, grad, momentum, process_group)
+        _check_options(mode, window, grad, momentum, process_group, running_stats)
         # bias only when False: torch releases before the argument have only the default
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype, **({} if bias else {"bias": False}))
         self._mode = mode
         self._window = window
         self._grad = grad
+        self._running_stats = running_stats
+        self._every_micro_batch = running_stats == "micro_batch"  # the ops' flag, read per call
         self.process_group = process_group
         self._checkpoint_history = None  # see _history_for
         self._open_micro_batches = 0  # host-side count toward LONG_WINDOW (window=None)
@@ -146,6 +166,15 @@ class _CrossMiniBatchNorm(_BatchNorm):
     def mode(self, value):
         raise AttributeError("mode is fixed at construction (it shapes the window state); build a new "
                              "layer, or convert_batchnorm(revert_to_batchnorm(model), mode=...)")
+
+    @property
+    def running_stats(self):
+        return self._running_stats
+
+    @running_stats.setter
+    def running_stats(self, value):
+        raise AttributeError("running_stats is fixed at construction (it decides whether the open window "
+                             "is in the running statistics already); build a new layer")
 
     @property
     def window(self):
@@ -185,7 +214,10 @@ class _CrossMiniBatchNorm(_BatchNorm):
         return module
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, mode={self.mode!r}, window={self.window}, grad={self.grad!r}"
+        text = f"{super().extra_repr()}, mode={self.mode!r}, window={self.window}, grad={self.grad!r}"
+        if self._running_stats != "window":
+            text += f", running_stats={self._running_stats!r}"
+        return text
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x):
@@ -203,16 +235,18 @@ class _CrossMiniBatchNorm(_BatchNorm):
         if m == 0:
             return self._empty_output(x)
         if m == 1:
-            self._check_more_than_one_value(x, history[0])
+            self._check_more_than_one_value(x, self._normalization_history(history)[0])
         params = self._parameters  # dict lookups: nn.Module attribute access costs host time per call
         if recomputed:  # the first run of this micro-batch updated the state already
-            return CrossMiniBatchNormFunction.apply(x, params["weight"], params["bias"], *history, self.eps,
-                                                    self._ema_momentum(), self._grad == "exact")[0]
+            return CrossMiniBatchNormFunction.apply(
+                x, params["weight"], params["bias"], *self._normalization_history(history), self.eps,
+                self._ema_momentum(), self._grad == "exact")[0]
         self._count_open_micro_batch()
         return torch.ops.cmbn_ext.cmbn_train_forward(
             x, params["weight"], params["bias"], *history, self._buffers["window_step"],
             *self._tracked_running_stats(), self.eps, self._ema_momentum(), self._grad == "exact",
-            self._mode, self._window if self._mode == "cumulative" else None, self.momentum)[0]
+            self._mode, self._window if self._mode in WINDOWED_MODES else None, self.momentum,
+            self._every_micro_batch)[0]
 
     def _forward_eval(self, x):
         """As BatchNorm: the running statistics whenever the layer has them, else the batch alone."""
@@ -238,6 +272,7 @@ class _CrossMiniBatchNorm(_BatchNorm):
         """Training with statistics shared across ``group`` (``distributed.py``). Every rank must call
         it, an empty micro-batch included: it takes part in the collectives."""
         check_group_matches(group, x)
+        history = self._normalization_history(history)
         y, mean, var, batch_mean, batch_var, count = GroupCrossMiniBatchNorm.apply(
             x, self.weight, self.bias, *history, self.eps, self._ema_momentum(), self.grad == "exact",
             group, self.window_step)
@@ -273,6 +308,10 @@ class _CrossMiniBatchNorm(_BatchNorm):
         elif self._checkpoint_history is not None:  # nn.Module's __setattr__ costs host time per call
             self._checkpoint_history = None
         return history
+
+    def _normalization_history(self, history):
+        """The history a micro-batch is normalized with: none of the window's slots in deferred mode."""
+        return normalization_history(*history, self._mode)
 
     def _ema_momentum(self):
         """The weight of the current micro-batch in EMA mode (None in the other modes)."""
@@ -331,12 +370,13 @@ class _CrossMiniBatchNorm(_BatchNorm):
         torch.ops.cmbn_ext.cmbn_update_state(
             self.window_count, self.window_mean, self.window_var, self.window_step,
             *self._tracked_running_stats(), m, mean, var, batch_mean, batch_var, self.mode,
-            self.window if self.mode == "cumulative" else None, self.momentum)
+            self.window if self.mode in WINDOWED_MODES else None, self.momentum,
+            self._every_micro_batch)
         self._count_open_micro_batch()
 
     def _count_open_micro_batch(self):
         """Warn once when a ``window=None`` window grows past ``LONG_WINDOW`` micro-batches."""
-        if self._window is None and self._mode == "cumulative" and not torch.compiler.is_compiling():
+        if self._window is None and self._mode in WINDOWED_MODES and not torch.compiler.is_compiling():
             # Counted on the host: reading window_step would wait for the device at every forward.
             self._open_micro_batches += 1
             if self._open_micro_batches == LONG_WINDOW:
@@ -349,12 +389,17 @@ class _CrossMiniBatchNorm(_BatchNorm):
     def end_window(self):
         """Commit the window to the running statistics now and start a new one.
 
-        Only cumulative mode has windows to commit; an empty window commits nothing. In sliding and
-        EMA modes this does nothing.
+        Only cumulative and deferred modes have windows to commit; an empty window commits nothing.
+        With ``running_stats="micro_batch"`` the window is in the running statistics already: it is
+        only emptied. In sliding and EMA modes this does nothing.
         """
-        if self.mode == "cumulative":
-            commit_window(self.window_count, self.window_mean, self.window_var, self.window_step,
-                          *self._tracked_running_stats(), self.momentum)
+        if self._mode in WINDOWED_MODES:
+            if self._every_micro_batch:
+                for name in WINDOW_BUFFERS:
+                    self._buffers[name].zero_()
+            else:
+                commit_window(self.window_count, self.window_mean, self.window_var, self.window_step,
+                              *self._tracked_running_stats(), self.momentum)
             self._open_micro_batches = 0
 
     def _tracked_running_stats(self):
@@ -386,8 +431,10 @@ class _CrossMiniBatchNorm(_BatchNorm):
         return super().train(mode)
 
     def _warn_if_window_open(self):
-        """At ``eval()``: a cumulative window's micro-batches are not in the running statistics yet."""
-        if self.mode != "cumulative" or self.running_mean is None or self.window_step.is_meta:
+        """At ``eval()``: a cumulative or deferred window's micro-batches are not in the running
+        statistics yet (unless they went in after every micro-batch)."""
+        if (self.mode not in WINDOWED_MODES or self._every_micro_batch or self.running_mean is None
+                or self.window_step.is_meta):
             return
         steps = int(self.window_step)
         if steps:
@@ -403,7 +450,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
         # into another layer can refuse it. state_dict() keys a module's metadata by prefix[:-1].
         if hasattr(destination, "_metadata"):
             local = destination._metadata.setdefault(prefix[:-1], {"version": self._version})
-            local.update(cmbn_mode=self.mode, cmbn_window=self.window)
+            local.update(cmbn_mode=self.mode, cmbn_window=self.window,
+                         cmbn_running_stats=self._running_stats)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -411,7 +459,9 @@ class _CrossMiniBatchNorm(_BatchNorm):
         # Checkpoints without the metadata (BatchNorm's, older ones, hand-built dicts) are trusted as before.
         foreign = (has_window and "cmbn_mode" in local_metadata
                    and not self._reads_window_state_of(local_metadata["cmbn_mode"],
-                                                       local_metadata.get("cmbn_window")))
+                                                       local_metadata.get("cmbn_window"),
+                                                       local_metadata.get("cmbn_running_stats",
+                                                                          "window")))
         refused = foreign and _holds_history(state_dict, prefix)
         errors = [self._foreign_window_message(prefix, local_metadata)] if refused else []
         # A plain BatchNorm checkpoint has no window state: it loads as an empty window, and so does the
@@ -450,22 +500,30 @@ class _CrossMiniBatchNorm(_BatchNorm):
             return all(prefix + name in state_dict for name in parameters)
         return "version" in local_metadata
 
-    def _reads_window_state_of(self, mode, window):
-        """Whether this layer reads the window state of a layer with ``mode`` and ``window`` as meant.
+    def _reads_window_state_of(self, mode, window, running_stats):
+        """Whether this layer reads the window state of a layer with ``mode``, ``window`` and
+        ``running_stats`` as meant.
 
         EMA ignores the window. In sliding mode the window sizes the ring and ``window_step`` picks its
-        slot. In cumulative mode ``window_step`` counts toward the window's commit, so another window would
-        move the commit (and ``window=None`` never commits by count): the ``window`` setter may do that
-        on purpose, a checkpoint must not do it silently.
+        slot. In cumulative and deferred modes ``window_step`` counts toward the window's commit, so
+        another window would move the commit (and ``window=None`` never commits by count): the
+        ``window`` setter may do that on purpose, a checkpoint must not do it silently. Their
+        ``running_stats`` says whether the open window is in the running statistics already.
         """
-        return mode == self.mode and (mode == "ema" or window == self.window)
+        return (mode == self.mode and (mode == "ema" or window == self.window)
+                and running_stats == self._running_stats)
 
     def _foreign_window_message(self, prefix, local_metadata):
-        saved = f"mode={local_metadata['cmbn_mode']!r}, window={local_metadata.get('cmbn_window')}"
+        saved_running_stats = local_metadata.get("cmbn_running_stats", "window")
+        # running_stats is named only where it is not the default on either side
+        named = {saved_running_stats, self._running_stats} != {"window"}
+        saved = (f"mode={local_metadata['cmbn_mode']!r}, window={local_metadata.get('cmbn_window')}"
+                 + (f", running_stats={saved_running_stats!r}" if named else ""))
+        ours = (f"mode={self.mode!r}, window={self.window}"
+                + (f", running_stats={self._running_stats!r}" if named else ""))
         return (f"window state mismatch for {prefix}window_*: the checkpoint holds the window state of "
-                f"{saved}; this layer has mode={self.mode!r}, window={self.window}: build the layer with "
-                f"the checkpoint's mode and window, or load with the window state removed from the state "
-                f"dict")
+                f"{saved}; this layer has {ours}: build the layer with the checkpoint's options, or load "
+                f"with the window state removed from the state dict")
 
 
 def _holds_history(state_dict, prefix):
@@ -540,7 +598,8 @@ class SyncCrossMiniBatchNorm(_CrossMiniBatchNorm):
 
     As in SyncBatchNorm, ``process_group=None`` is the default group whenever ``torch.distributed`` is
     initialized with more than one process, and the layer pools alone otherwise. ``options``:
-    the keyword-only arguments of the other layers (``bias``, ``mode``, ``window``, ``grad``).
+    the keyword-only arguments of the other layers (``bias``, ``mode``, ``window``, ``grad``,
+    ``running_stats``).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,

@@ -52,13 +52,15 @@ _lib.define(
     "cmbn_update_state(Tensor(a!) window_count, Tensor(b!) window_mean, Tensor(c!) window_var, "
     "Tensor(d!) window_step, Tensor(e!)? running_mean, Tensor(f!)? running_var, "
     "Tensor(g!)? num_batches_tracked, SymInt m, Tensor mean, Tensor var, Tensor batch_mean, "
-    "Tensor batch_var, str layer_mode, int? window, float? momentum) -> ()"
+    "Tensor batch_var, str layer_mode, int? window, float? momentum, "
+    "bool every_micro_batch=False) -> ()"
 )
 _lib.define(
     "cmbn_train_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) window_count, "
     "Tensor(b!) window_mean, Tensor(c!) window_var, Tensor(d!) window_step, "
     "Tensor(e!)? running_mean, Tensor(f!)? running_var, Tensor(g!)? num_batches_tracked, float eps, "
-    "float? ema_momentum, bool exact_grad, str layer_mode, int? window, float? momentum) "
+    "float? ema_momentum, bool exact_grad, str layer_mode, int? window, float? momentum, "
+    "bool every_micro_batch=False) "
     "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"
 )
 
@@ -95,16 +97,26 @@ def _reference_forward(x, weight, bias, history_count, history_mean, history_var
                              ema_momentum)
 
 
+def normalization_history(window_count, window_mean, window_var, layer_mode):
+    """The history a training micro-batch is normalized with: the window buffers, or none of their
+    slots in deferred mode (its window is for the running statistics only)."""
+    if layer_mode == "deferred":
+        return window_count[:0], window_mean[:0], window_var[:0]
+    return window_count, window_mean, window_var
+
+
 def _reference_train_forward(x, weight, bias, window_count, window_mean, window_var, window_step,
                              running_mean, running_var, num_batches_tracked, eps, ema_momentum,
-                             exact_grad, layer_mode, window, momentum):
-    outputs = reference.forward(x, weight, bias, window_count, window_mean, window_var, eps,
-                                ema_momentum)
+                             exact_grad, layer_mode, window, momentum, every_micro_batch=False):
+    outputs = reference.forward(x, weight, bias,
+                                *normalization_history(window_count, window_mean, window_var,
+                                                       layer_mode),
+                                eps, ema_momentum)
     m = reference.values_per_channel(x)
     if m:  # an empty micro-batch leaves the state as it is
         window_state.update_state(window_count, window_mean, window_var, window_step, running_mean,
                                   running_var, num_batches_tracked, m, *outputs[1:5], layer_mode,
-                                  window, momentum)
+                                  window, momentum, every_micro_batch)
     return outputs
 
 
@@ -149,7 +161,7 @@ def _forward_fake(x, weight, bias, history_count, history_mean, history_var, eps
 @torch.library.register_fake("cmbn_ext::cmbn_train_forward")
 def _train_forward_fake(x, weight, bias, window_count, window_mean, window_var, window_step,
                         running_mean, running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
-                        layer_mode, window, momentum):
+                        layer_mode, window, momentum, every_micro_batch=False):
     return (torch.empty_like(x), *(_channel_stats(x) for _ in range(5)))
 
 
@@ -181,7 +193,7 @@ def _backward_sums_fake(grad_y, x, batch_mean):
 @torch.library.register_fake("cmbn_ext::cmbn_update_state")
 def _update_state_fake(window_count, window_mean, window_var, window_step, running_mean, running_var,
                        num_batches_tracked, m, mean, var, batch_mean, batch_var, layer_mode, window,
-                       momentum):
+                       momentum, every_micro_batch=False):
     return None
 
 
@@ -233,17 +245,19 @@ def input_grads(ctx, grad_x, grad_weight, grad_bias, weight):
 
 def _train_forward_autograd(x, weight, bias, window_count, window_mean, window_var, window_step,
                             running_mean, running_var, num_batches_tracked, eps, ema_momentum,
-                            exact_grad, layer_mode, window, momentum):
+                            exact_grad, layer_mode, window, momentum, every_micro_batch=False):
     """``cmbn_train_forward``'s autograd where the compiled extension does not give it one in C++:
     ``CrossMiniBatchNormFunction``, then the state update (the same math, at more host cost)."""
-    outputs = CrossMiniBatchNormFunction.apply(x, weight, bias, window_count, window_mean, window_var,
-                                               eps, ema_momentum, exact_grad)
+    outputs = CrossMiniBatchNormFunction.apply(
+        x, weight, bias, *normalization_history(window_count, window_mean, window_var, layer_mode),
+        eps, ema_momentum, exact_grad)
     m = reference.values_per_channel(x)
     if m:
         with torch.no_grad():
             torch.ops.cmbn_ext.cmbn_update_state(window_count, window_mean, window_var, window_step,
                                                  running_mean, running_var, num_batches_tracked, m,
-                                                 *outputs[1:5], layer_mode, window, momentum)
+                                                 *outputs[1:5], layer_mode, window, momentum,
+                                                 every_micro_batch)
     return outputs
 
 

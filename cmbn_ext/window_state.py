@@ -2,11 +2,12 @@
 
 The reference for ``torch.ops.cmbn_ext.cmbn_update_state``, which updates the buffers in place:
 
-- ``window_count`` (int64), ``window_mean``, ``window_var``: ``(S, C)`` history slots. Cumulative and EMA
-  modes use one slot (the window so far, or the exponential average); sliding mode a ring of
-  ``window - 1`` slots holding the previous micro-batches' own statistics.
-- ``window_step`` (int64 scalar): micro-batches since the window started (cumulative), in all (sliding:
-  it picks the ring slot), or since the last reset (EMA).
+- ``window_count`` (int64), ``window_mean``, ``window_var``: ``(S, C)`` history slots. Cumulative,
+  deferred and EMA modes use one slot (the window so far, or the exponential average); sliding mode a
+  ring of ``window - 1`` slots holding the previous micro-batches' own statistics. Deferred mode
+  normalizes without its window: it pools the micro-batches' own statistics for the running ones only.
+- ``window_step`` (int64 scalar): micro-batches since the window started (cumulative, deferred), in all
+  (sliding: it picks the ring slot), or since the last reset (EMA).
 - ``running_mean``, ``running_var``, ``num_batches_tracked``: BatchNorm's, or None.
 
 Every decision is a tensor operation (``torch.where``), never a Python branch on a tensor's value: on
@@ -14,6 +15,8 @@ CUDA without the kernels it runs with no host synchronization, and it decides as
 channel whose statistics are not finite enters no state.
 """
 import torch
+
+from . import reference
 
 
 def update_running(running_mean, running_var, num_batches_tracked, counted, valid, count, mean, var,
@@ -38,13 +41,25 @@ def update_running(running_mean, running_var, num_batches_tracked, counted, vali
         running.copy_(torch.where(valid, updated, running))
 
 
+def merge_micro_batch(window_count, window_mean, window_var, m, batch_mean, batch_var):
+    """Deferred mode's window after a micro-batch: slot 0 (the window so far) merged with the
+    micro-batch's own statistics over ``m`` values per channel (Chan's merge, count-weighted)."""
+    dtype = torch.promote_types(batch_mean.dtype, window_mean.dtype)
+    b = reference.current_weight(window_count[0], m, None, dtype)
+    return reference.pool(window_mean[0].to(dtype), window_var[0].to(dtype), batch_mean.to(dtype),
+                          batch_var.to(dtype), b)
+
+
 def update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
-                 num_batches_tracked, m, mean, var, batch_mean, batch_var, mode, window, momentum):
+                 num_batches_tracked, m, mean, var, batch_mean, batch_var, mode, window, momentum,
+                 every_micro_batch=False):
     """Fold one micro-batch into the window and the running statistics, in place.
 
     ``m`` is the micro-batch's count per channel; ``mean``/``var`` the pooled statistics it was
-    normalized with; ``batch_mean``/``batch_var`` its own. ``window`` is the cumulative window length
-    (None: until ``end_window()``), ``momentum`` the layer's.
+    normalized with; ``batch_mean``/``batch_var`` its own. ``window`` is the window length of
+    cumulative and deferred modes (None: until ``end_window()``), ``momentum`` the layer's.
+    ``every_micro_batch`` (cumulative and deferred): the running statistics take the window's pooled
+    statistics after every micro-batch, as Darknet's CmBN does, and a full window ends without a commit.
     """
     finite = torch.isfinite(torch.stack([mean, var, batch_mean, batch_var])).all(0)
     pooled_count = window_count.sum(0) + m
@@ -59,6 +74,8 @@ def update_state(window_count, window_mean, window_var, window_step, running_mea
                        torch.ones((), dtype=torch.bool, device=finite.device),
                        finite, pooled_count, mean, var, momentum)
         return
+    if mode == "deferred":  # the micro-batch was normalized alone; the window pools it
+        mean, var = merge_micro_batch(window_count, window_mean, window_var, m, batch_mean, batch_var)
     count = torch.where(finite, pooled_count, window_count[0])
     mean = torch.where(finite, mean, window_mean[0])
     var = torch.where(finite, var, window_var[0])
@@ -68,12 +85,18 @@ def update_state(window_count, window_mean, window_var, window_step, running_mea
             num_batches_tracked.add_(1)
             running_mean.copy_(torch.where(finite, mean, running_mean))
             running_var.copy_(torch.where(finite, var, running_var))
-    elif window is not None:  # cumulative: commit after the window-th micro-batch
-        commit = window_step >= window
-        update_running(running_mean, running_var, num_batches_tracked, commit, torch.ones_like(finite),
-                       count, mean, var, momentum)
-        count, mean, var = (torch.where(commit, 0, t) for t in (count, mean, var))
-        window_step.copy_(torch.where(commit, 0, window_step))
+    else:
+        if every_micro_batch:  # Darknet: the running statistics take the window so far, every time
+            update_running(running_mean, running_var, num_batches_tracked,
+                           torch.ones((), dtype=torch.bool, device=finite.device), finite, count,
+                           mean, var, momentum)
+        if window is not None:  # the window ends after its window-th micro-batch
+            full = window_step >= window
+            if not every_micro_batch:  # and is committed
+                update_running(running_mean, running_var, num_batches_tracked, full,
+                               torch.ones_like(finite), count, mean, var, momentum)
+            count, mean, var = (torch.where(full, 0, t) for t in (count, mean, var))
+            window_step.copy_(torch.where(full, 0, window_step))
     window_count.copy_(count.unsqueeze(0))
     window_mean.copy_(mean.unsqueeze(0))
     window_var.copy_(var.unsqueeze(0))
@@ -81,8 +104,8 @@ def update_state(window_count, window_mean, window_var, window_step, running_mea
 
 def commit_window(window_count, window_mean, window_var, window_step, running_mean, running_var,
                   num_batches_tracked, momentum):
-    """Cumulative mode's ``end_window()``: commit the window so far (nothing if it is empty) and empty
-    it."""
+    """``end_window()`` of cumulative and deferred modes: commit the window so far (nothing if it is
+    empty) and empty it."""
     update_running(running_mean, running_var, num_batches_tracked, window_step > 0,
                    torch.ones_like(window_count[0], dtype=torch.bool), window_count[0], window_mean[0],
                    window_var[0], momentum)

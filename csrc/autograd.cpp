@@ -19,7 +19,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Statistics = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-constexpr int kInputs = 16;  // arguments of cmbn_train_forward
+constexpr int kInputs = 17;  // arguments of cmbn_train_forward
 
 class TrainForward : public torch::autograd::Function<TrainForward> {
  public:
@@ -33,7 +33,7 @@ class TrainForward : public torch::autograd::Function<TrainForward> {
                                const std::optional<at::Tensor>& num_batches_tracked, double eps,
                                std::optional<double> ema_momentum, bool exact_grad,
                                std::string_view layer_mode, std::optional<int64_t> window,
-                               std::optional<double> momentum) {
+                               std::optional<double> momentum, bool every_micro_batch) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("cmbn_ext::cmbn_train_forward", "")
                                .typed<Statistics(const at::Tensor&, const std::optional<at::Tensor>&,
@@ -43,12 +43,13 @@ class TrainForward : public torch::autograd::Function<TrainForward> {
                                                  const std::optional<at::Tensor>&,
                                                  const std::optional<at::Tensor>&, double,
                                                  std::optional<double>, bool, std::string_view,
-                                                 std::optional<int64_t>, std::optional<double>)>();
+                                                 std::optional<int64_t>, std::optional<double>,
+                                                 bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, var, batch_mean, batch_var, b] =
         op.call(x, weight, bias, window_count, window_mean, window_var, window_step, running_mean,
                 running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
-                layer_mode, window, momentum);
+                layer_mode, window, momentum, every_micro_batch);
     ctx->save_for_backward(
         {x, weight.value_or(at::Tensor()), mean, var, batch_mean, batch_var, b});
     ctx->saved_data["eps"] = eps;
@@ -97,11 +98,11 @@ Statistics train_forward_autograd(const at::Tensor& x, const std::optional<at::T
                                   const std::optional<at::Tensor>& num_batches_tracked, double eps,
                                   std::optional<double> ema_momentum, bool exact_grad,
                                   std::string_view layer_mode, std::optional<int64_t> window,
-                                  std::optional<double> momentum) {
+                                  std::optional<double> momentum, bool every_micro_batch) {
   auto outputs = TrainForward::apply(
       x, weight, bias, window_count, window_mean, window_var, window_step, running_mean,
       running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
-      layer_mode, window, momentum);
+      layer_mode, window, momentum, every_micro_batch);
   return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5]};
 }
 

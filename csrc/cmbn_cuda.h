@@ -45,6 +45,8 @@ at::Tensor cmbn_backward_dx_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& count, double eps, bool exact_grad);
 
 // cmbn_ext::cmbn_update_state: the window and running statistics, in place (one launch).
+// every_micro_batch: cumulative and deferred modes update the running statistics after every
+// micro-batch from the pooled statistics (Darknet's CmBN) instead of once per window.
 void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
                             at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var,
@@ -52,9 +54,10 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
                             const at::Tensor& mean, const at::Tensor& var,
                             const at::Tensor& batch_mean, const at::Tensor& batch_var,
                             std::string_view layer_mode, std::optional<int64_t> window,
-                            std::optional<double> momentum);
+                            std::optional<double> momentum, bool every_micro_batch);
 
-// cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics.
+// cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics (deferred mode
+// normalizes with no history).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, at::Tensor& window_count,
@@ -64,6 +67,6 @@ cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& we
                         const std::optional<at::Tensor>& num_batches_tracked, double eps,
                         std::optional<double> ema_momentum, bool exact_grad,
                         std::string_view layer_mode, std::optional<int64_t> window,
-                        std::optional<double> momentum);
+                        std::optional<double> momentum, bool every_micro_batch);
 
 }  // namespace cmbn

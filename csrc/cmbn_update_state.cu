@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kStateThreads = 512;
 
-enum class StateMode : int { kCumulative, kSliding, kEma };
+enum class StateMode : int { kCumulative, kSliding, kEma, kDeferred };
 
 template <typename stats_t>
 struct StateArgs {
@@ -46,6 +46,7 @@ struct StateArgs {
   int64_t window;
   bool has_momentum;  // false: the cumulative average over tracked batches
   double momentum;
+  bool every_micro_batch;  // cumulative and deferred: running statistics after every micro-batch
 };
 
 // Arithmetic rounded once per operation, never contracted into an FMA: the reference rounds each
@@ -114,6 +115,21 @@ __device__ __forceinline__ bool is_finite(T value) {
   return ::isfinite(value);
 }
 
+// Deferred mode: the window so far (count, mean, var) merged with the micro-batch's own statistics
+// over m values, as window_state.merge_micro_batch does (reference.pool, rounded op by op).
+template <typename value_t>
+__device__ void merge_micro_batch(int64_t count, value_t& mean, value_t& var, int64_t m,
+                                  value_t batch_mean, value_t batch_var) {
+  const value_t b = static_cast<value_t>(static_cast<double>(m) / static_cast<double>(count + m));
+  const value_t a = sub_rn(value_t(1), b);
+  const value_t merged_mean = add_rn(mul_rn(a, mean), mul_rn(b, batch_mean));
+  const value_t delta_a = sub_rn(mean, merged_mean);
+  const value_t delta_b = sub_rn(batch_mean, merged_mean);
+  var = add_rn(mul_rn(a, add_rn(var, mul_rn(delta_a, delta_a))),
+               mul_rn(b, add_rn(batch_var, mul_rn(delta_b, delta_b))));
+  mean = merged_mean;
+}
+
 // stats_t: dtype of mean, var, batch_mean, batch_var. value_t: the pooled statistics as the reference
 // holds them (torch.where(finite, mean, window_mean[0]) promotes to the wider of stats and window;
 // sliding mode uses stats_t). compute_t: value_t promoted with the running statistics' dtype.
@@ -126,12 +142,16 @@ __global__ void __launch_bounds__(kStateThreads) update_state_kernel(const State
 
   const bool sliding = args.mode == StateMode::kSliding;
   const bool ema = args.mode == StateMode::kEma;
-  // Cumulative: window_step counts this micro-batch, then the window commits if it is full.
-  const bool commit = args.mode == StateMode::kCumulative && args.has_window &&
-                      step + 1 >= args.window;
-  const int64_t new_step = commit ? 0 : step + 1;
-  // A tracked batch: every micro-batch in sliding and EMA modes, each commit in cumulative mode.
-  const int64_t new_tracked = tracked + ((sliding || ema || commit) ? 1 : 0);
+  const bool deferred = args.mode == StateMode::kDeferred;
+  // Cumulative and deferred: window_step counts this micro-batch, then the window ends if it is full;
+  // it commits then, unless the running statistics took every micro-batch already.
+  const bool every = !sliding && !ema && args.every_micro_batch;
+  const bool full = !sliding && !ema && args.has_window && step + 1 >= args.window;
+  const bool commit = full && !every;
+  const int64_t new_step = full ? 0 : step + 1;
+  // A tracked batch: every micro-batch in sliding and EMA modes (and with every_micro_batch), each
+  // commit otherwise.
+  const int64_t new_tracked = tracked + ((sliding || ema || every || commit) ? 1 : 0);
   const double factor = args.has_momentum
                             ? args.momentum
                             : 1.0 / static_cast<double>(new_tracked > 1 ? new_tracked : 1);
@@ -168,23 +188,31 @@ __global__ void __launch_bounds__(kStateThreads) update_state_kernel(const State
       continue;
     }
 
-    // Cumulative and EMA: slot 0 holds the window so far (or the average); a non-finite channel
-    // keeps it.
+    // Cumulative, deferred and EMA: slot 0 holds the window so far (or the average); a non-finite
+    // channel keeps it.
     int64_t count = finite ? pooled_count : args.window_count[c];
-    value_t pooled_mean = finite ? static_cast<value_t>(mean)
-                                 : load_any_float<value_t>(args.window_mean, c, value_t(0));
-    value_t pooled_var = finite ? static_cast<value_t>(var)
-                                : load_any_float<value_t>(args.window_var, c, value_t(0));
+    value_t pooled_mean = static_cast<value_t>(mean);
+    value_t pooled_var = static_cast<value_t>(var);
+    if (!finite || deferred) {
+      pooled_mean = load_any_float<value_t>(args.window_mean, c, value_t(0));
+      pooled_var = load_any_float<value_t>(args.window_var, c, value_t(0));
+    }
+    if (finite && deferred) {  // normalized alone: the window pools the micro-batch's own statistics
+      merge_micro_batch<value_t>(args.window_count[c], pooled_mean, pooled_var, args.m,
+                                 static_cast<value_t>(batch_mean), static_cast<value_t>(batch_var));
+    }
     if (ema) {
       // The running statistics are the pooled ones themselves.
       if (tracking && finite) {
         store_any_float(args.running_mean, c, pooled_mean);
         store_any_float(args.running_var, c, pooled_var);
       }
-    } else if (commit) {
-      if (tracking && count > 1) {
-        update_running_channel<value_t, compute_t>(args, c, count, pooled_mean, pooled_var, factor);
-      }
+    } else if (every && tracking && finite && count > 1) {  // Darknet: after every micro-batch
+      update_running_channel<value_t, compute_t>(args, c, count, pooled_mean, pooled_var, factor);
+    } else if (commit && tracking && count > 1) {
+      update_running_channel<value_t, compute_t>(args, c, count, pooled_mean, pooled_var, factor);
+    }
+    if (full) {
       count = 0;
       pooled_mean = value_t(0);
       pooled_var = value_t(0);
@@ -208,8 +236,10 @@ StateMode parse_mode(std::string_view mode) {
   if (mode == "cumulative") return StateMode::kCumulative;
   if (mode == "sliding") return StateMode::kSliding;
   if (mode == "ema") return StateMode::kEma;
-  TORCH_CHECK(false, "cmbn_update_state: layer_mode must be 'cumulative', 'sliding' or 'ema', got '",
-              std::string(mode), "'");
+  if (mode == "deferred") return StateMode::kDeferred;
+  TORCH_CHECK(false,
+              "cmbn_update_state: layer_mode must be 'cumulative', 'sliding', 'ema' or 'deferred', "
+              "got '", std::string(mode), "'");
   return StateMode::kCumulative;
 }
 
@@ -260,7 +290,7 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
                             const at::Tensor& mean, const at::Tensor& var,
                             const at::Tensor& batch_mean, const at::Tensor& batch_var,
                             std::string_view layer_mode, std::optional<int64_t> window,
-                            std::optional<double> momentum) {
+                            std::optional<double> momentum, bool every_micro_batch) {
   const StateMode mode = parse_mode(layer_mode);
   TORCH_CHECK(window_count.is_cuda(), kOp, ": window_count must be a CUDA tensor, got one on ",
               window_count.device());
@@ -346,6 +376,7 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
     args.window = window.value_or(0);
     args.has_momentum = momentum.has_value();
     args.momentum = momentum.value_or(0.0);
+    args.every_micro_batch = every_micro_batch;
   };
   // Launched even for C == 0: the scalars still advance.
   if (stats_double) {

@@ -2,12 +2,22 @@
 AddressSanitizer where the compiler has it, runs the kernels' own tests (test_cuda_kernels.py) and the
 layer tests with the kernels serving CPU tensors. So every test run checks the kernels' indexing,
 reductions, math and memory accesses, and their use by the layers, with or without a GPU.
+tests/emulation/README.md says how, and what the emulation cannot see.
 
 Each group runs in a process of its own: there the emulated kernels replace the reference for CPU
-tensors, which no other test may see. Needs a C++ compiler, as torch's C++ extensions do; the first
-run compiles (a minute or two on 2 cores) into build/emulated_kernels.
+tensors, which no other test may see. The groups run quickest first, so `-x` stops early, and
+`-k quick` runs the quick ones alone (every kernel instantiation in each regime, on small shapes):
+
+    python -m pytest -x tests/test_emulated_kernels.py -k quick
+
+Each run draws a new order of blocks and threads (CMBN_EMULATION_SEED, printed on failure; set it to
+repeat a run). After all groups, the last test checks that together they launched every kernel
+instantiation in every phase (`-rP` prints the counts). Needs a C++ compiler, as torch's C++
+extensions do; the first run compiles (a minute or two on 2 cores) into build/emulated_kernels.
 """
+import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -17,34 +27,95 @@ import pytest
 
 import emulation
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL_TESTS = os.path.join(HERE, "test_cuda_kernels.py")
-LAYER_TESTS = [os.path.join(HERE, name) for name in (
+# The runs' working directory: the test paths below are relative to it.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNEL_TESTS = "tests/test_cuda_kernels.py"
+LAYER_TESTS = [f"tests/{name}" for name in (
     "test_batchnorm_parity.py", "test_modes.py", "test_layouts_dtypes.py", "test_checkpoint.py",
-    "test_activation_checkpointing.py", "test_errors.py", "test_distributed.py")]
-GROUPS = {  # name -> pytest arguments
-    "fused_ops": ["-k", "not phase_ops and not update_state", KERNEL_TESTS],
-    "phase_ops": ["-k", "phase_ops", KERNEL_TESTS],
-    "update_state": ["-k", "update_state", KERNEL_TESTS],
+    "test_activation_checkpointing.py", "test_errors.py", "test_distributed.py",
+    "test_train_forward.py")]
+# Test functions of test_cuda_kernels.py by group; "kernels_other" runs the rest of the module.
+KERNEL_GROUPS = {
+    "quick_regimes": ["test_regime"],
+    "quick_parity": ["test_matches_reference", "test_phase_ops_match_reference",
+                     "test_update_state_matches_reference", "test_update_state_with_mixed_dtypes"],
+    "shapes": ["test_shapes", "test_phase_ops_shapes"],
+    "large": ["test_more_than_2_pow_24_values_per_channel", "test_bitwise_deterministic",
+              "test_layer_state_matches_reference"],
+}
+
+
+def kernel_tests(group):
+    return [f"{KERNEL_TESTS}::{test}" for test in KERNEL_GROUPS[group]]
+
+
+GROUPS = {  # name -> pytest arguments, quickest first
+    "quick_regimes": kernel_tests("quick_regimes"),
+    "quick_parity": kernel_tests("quick_parity"),
+    "kernels_other": [KERNEL_TESTS, *(f"--deselect={test}" for group in KERNEL_GROUPS
+                                      for test in kernel_tests(group))],
+    "shapes": kernel_tests("shapes"),
+    "large": kernel_tests("large"),
     "layers": LAYER_TESTS,
 }
 ASAN = emulation.asan_environment()
 VARIANT = dict(ASAN, CMBN_EMULATED_KERNELS="asan") if ASAN else {"CMBN_EMULATED_KERNELS": "1"}
 if ASAN and os.environ.get("LD_PRELOAD"):  # the sanitizer's runtime first, then what was there
     VARIANT["LD_PRELOAD"] = f"{ASAN['LD_PRELOAD']} {os.environ['LD_PRELOAD']}"
+SEED = os.environ.get("CMBN_EMULATION_SEED") or str(random.randrange(2 ** 32))
+LAUNCHES = {}  # group -> {(kernel, phase): launches}, from the groups run in this session
+
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                                    reason="needs a C++ compiler")
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
+@needs_compiler
 @pytest.mark.parametrize("group", list(GROUPS))
-def test_passes_on_the_emulated_kernels(group):
+def test_passes_on_the_emulated_kernels(group, tmp_path):
+    counts_file = tmp_path / "launch_counts.json"
+    arguments = ["-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", "-rfE", *GROUPS[group]]
     # -s: a sanitizer report ends the process, so it must not wait in pytest's capture.
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", "-rfE", *GROUPS[group]],
-        cwd=os.path.dirname(HERE), env=dict(os.environ, **VARIANT), capture_output=True, text=True,
+        [sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True,
+        env=dict(os.environ, **VARIANT, CMBN_EMULATION_SEED=SEED,
+                 CMBN_EMULATION_LAUNCH_COUNTS=str(counts_file)),
         timeout=2400)
     output = result.stdout + result.stderr
-    summary = f"CMBN_EMULATED_KERNELS={VARIANT['CMBN_EMULATED_KERNELS']}, exit {result.returncode}:\n" \
-              f"{output[-8000:]}"
+    summary = (f"exit {result.returncode}; to repeat:\n  CMBN_EMULATION_SEED={SEED} "
+               f"CMBN_EMULATED_KERNELS={VARIANT['CMBN_EMULATED_KERNELS']} python {' '.join(arguments)}\n"
+               f"(CMBN_EMULATED_KERNELS=asan needs the environment of emulation.asan_environment())\n"
+               f"{output[-8000:]}")
     assert result.returncode == 0, f"{group} failed on the emulated kernels, {summary}"
     passed = re.search(r"(\d+) passed", output)
     assert passed and int(passed.group(1)) > 0, f"no {group} test ran on the emulated kernels, {summary}"
+    with open(counts_file) as file:
+        LAUNCHES[group] = {(kernel, phase): n for kernel, phase, n in json.load(file)}
+
+
+def launch_table(counts):
+    """One line per kernel instantiation: its launches in each phase."""
+    order = {"kFused": 0, "kPartial": 1, "kApply": 2, "kGiven": 3}
+    phases = sorted({phase for _, phase in counts}, key=lambda phase: (order.get(phase, 4), phase))
+    kernels = sorted({kernel for kernel, _ in counts})
+    width = max(map(len, kernels))
+    lines = [f"{'kernel instantiation':<{width}}" + "".join(f"{p or 'launches':>10}" for p in phases)]
+    for kernel in kernels:
+        lines.append(f"{kernel:<{width}}" + "".join(
+            f"{counts[kernel, p]:>10}" if (kernel, p) in counts else f"{'':>10}" for p in phases))
+    return "\n".join(lines)
+
+
+@needs_compiler
+def test_every_kernel_instantiation_is_launched():
+    """Together the groups launch every kernel instantiation the library holds in every phase it
+    takes, so a regime no test reaches shows here."""
+    if set(LAUNCHES) != set(GROUPS):
+        pytest.skip("needs every group's run in this session (the whole module, all passing)")
+    total = {}
+    for counts in LAUNCHES.values():
+        for key, n in counts.items():
+            total[key] = total.get(key, 0) + n
+    table = launch_table(total)
+    print(table)
+    never = [f"{kernel} {phase}".strip() for (kernel, phase), n in sorted(total.items()) if n == 0]
+    assert not never, f"never launched: {', '.join(never)}\n{table}"

@@ -1,4 +1,5 @@
-"""Sliding and EMA modes against their closed forms; window control; running statistics; edge cases."""
+"""Sliding and EMA modes against their closed forms; window control; running statistics; edge cases
+(deferred mode's own checks are in test_deferred_mode.py)."""
 import math
 
 import pytest
@@ -119,7 +120,7 @@ def test_reset_window_drops_without_committing():
     torch.testing.assert_close(layer(x), bn_forward(x, layer.weight, layer.bias))
 
 
-@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema"])
+@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema", "deferred"])
 def test_track_running_stats_false(mode):
     layer = _layer(mode=mode, window=2, track_running_stats=False)
     assert layer.running_mean is None
@@ -130,6 +131,8 @@ def test_track_running_stats_false(mode):
         mean, var = _ema_expected([a, b], layer.momentum)
         expected = torch.nn.functional.batch_norm(b, mean, var, layer.weight, layer.bias, False, 0.0,
                                                   layer.eps)
+    elif mode == "deferred":  # each micro-batch alone
+        expected = bn_forward(b, layer.weight, layer.bias)
     else:
         expected = bn_forward(torch.cat([a, b]), layer.weight, layer.bias)[len(a):]
     torch.testing.assert_close(y, expected)
@@ -170,7 +173,7 @@ def test_non_finite_micro_batch_never_enters_state_cumulative():
         assert torch.isfinite(buffer.double()).all(), name
 
 
-@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema"])
+@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema", "deferred"])
 def test_non_finite_micro_batch_does_not_poison_later_training(mode):
     layer = _layer(mode=mode, window=3)
     for t, x in enumerate(_batches(8)):
@@ -184,7 +187,7 @@ def test_non_finite_micro_batch_does_not_poison_later_training(mode):
         assert torch.isfinite(buffer.double()).all(), name
 
 
-@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema"])
+@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema", "deferred"])
 def test_empty_micro_batch(mode):
     layer = _layer(mode=mode, window=3)
     layer(_batches(1)[0])

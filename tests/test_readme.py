@@ -61,20 +61,3 @@ def test_snippet_runs_as_written(line, code, tmp_path):
                             env=dict(os.environ, **TORCHRUN), timeout=600)
     assert result.returncode == 0, (f"the snippet at README line {line} failed:\n{code}\n"
                                     f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-
-
-def test_demo_table_and_time_are_the_committed_runs():
-    """Every accuracy in the README's demo table, and its wall time, come from results/demo."""
-    record = json.loads((ROOT / "results" / "demo" / "results.json").read_text())
-    accuracy = {(entry["model"], entry["method"], entry["micro_batch"]):
-                f"{100 * entry['test_accuracy']:.1f} ± {100 * entry['test_accuracy_std']:.1f}"
-                for entry in record["summary"]}
-    columns = [(model, micro) for model in ("conv", "conv+bn1d") for micro in (2, 4, 8)]
-    rows = re.findall(r"^\| ((?:BatchNorm|CmBN|GroupNorm)[^|]*) \|(.*)\|$", README, re.M)
-    assert len(rows) == len({method for _, method, _ in accuracy})
-    for method, cells in rows:
-        method = {"BatchNorm, full batch of 32": "BatchNorm, full batch"}.get(method, method)
-        cells = [cell.strip() for cell in cells.split("|")]
-        assert cells == [accuracy[model, method, micro] for model, micro in columns], method
-    seconds = round(record["wall_seconds"])
-    assert f"took {seconds} s ({seconds // 60} min {seconds % 60} s)" in README

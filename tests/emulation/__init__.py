@@ -5,11 +5,15 @@ emulation of the part of the CUDA runtime the kernels use, and loads the library
 Its kernels then serve ``torch.ops.cmbn_ext.*`` for CPU tensors, in place of the reference: load it
 only in a process that runs the kernel tests (tests/test_emulated_kernels.py starts one).
 
-The emulation runs each thread block's threads one after another between barriers, in a shuffled but
-reproducible order, so it checks indexing, barriers, reductions, the split regimes and the math, but
-not timing or memory ordering; compute-sanitizer on a GPU (bench/gpu_check.sh) checks those. Built
-with AddressSanitizer, it also reports every read or write outside a tensor.
+The emulation runs each thread block's threads one after another between barriers, in a shuffled
+order (CMBN_EMULATION_SEED), so it checks indexing, barriers, reductions, the split regimes and the
+math, but not timing or memory ordering; compute-sanitizer on a GPU (bench/gpu_check.sh) checks those.
+Built with AddressSanitizer, it also reports every read or write outside a tensor. ``launch_counts()``
+tells which kernel instantiations and phases ran. README.md here has the details and the limits.
 """
+import atexit
+import ctypes
+import json
 import os
 import subprocess
 
@@ -21,6 +25,7 @@ from . import translate
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 DEFAULT_BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "build", "emulated_kernels")
+_library = None  # the path of the library loaded in this process
 
 
 def requested():
@@ -34,6 +39,9 @@ def load_if_requested():
     if requested():
         import cmbn_ext  # noqa: F401
         load(address_sanitizer=os.environ["CMBN_EMULATED_KERNELS"] == "asan")
+        report = os.environ.get("CMBN_EMULATION_LAUNCH_COUNTS")
+        if report:  # tests/test_emulated_kernels.py collects them from each of its runs
+            atexit.register(_write_launch_counts, report)
 
 
 def load(address_sanitizer=False, verbose=False):
@@ -51,7 +59,7 @@ def load(address_sanitizer=False, verbose=False):
         flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"]
         ldflags = ["-fsanitize=address"]
     source_dir = os.path.join(build_dir, "src")
-    units = translate.translate_tree(CSRC, source_dir)
+    units = translate.translate_tree(CSRC, source_dir) + [os.path.join(HERE, "runtime.cpp")]
     # Uninitialized locals start as a pattern (NaN-like), not as what the previous block left.
     flags += ["-ffp-contract=off", "-ftrivial-auto-var-init=pattern", "-Wno-unused-variable",
               "-include", os.path.join(HERE, "cuda_runtime.h"),
@@ -72,7 +80,28 @@ def load(address_sanitizer=False, verbose=False):
         if preload is not None:
             os.environ["LD_PRELOAD"] = preload
     _check_serves_cpu(source_dir)
+    global _library
+    _library = library
     return library
+
+
+def launch_counts():
+    """``{(kernel, phase): launches}`` in this process so far, with every kernel instantiation the
+    library holds and every phase it takes, launched or not (0). Needs ``load()`` first."""
+    if _library is None:
+        raise RuntimeError("the emulated kernels are not loaded in this process")
+    function = ctypes.CDLL(_library).cmbn_emulation_launch_counts
+    function.restype = ctypes.c_char_p
+    counts = {}
+    for line in function().decode().splitlines():
+        kernel, phase, launches = line.split("\t")
+        counts[kernel, phase] = int(launches)
+    return counts
+
+
+def _write_launch_counts(path):
+    with open(path, "w") as file:
+        json.dump([[kernel, phase, n] for (kernel, phase), n in launch_counts().items()], file)
 
 
 def _check_serves_cpu(source_dir):

@@ -1,7 +1,7 @@
 """Turns the CUDA sources in csrc/ into C++ that g++ compiles against cuda_runtime.h.
 
 Only the CUDA syntax is rewritten; the kernels and launchers are compiled as written:
-  - ``kernel<<<grid, block, bytes, stream>>>(args);`` -> ``cmbn_emu::launch(grid, block, [&] { kernel(args); });``
+  - ``kernel<<<grid, block, bytes, stream>>>(args);`` -> ``cmbn_emu::launch<&kernel>(grid, block, args);``
   - ``__shared__ T name[N];`` -> ``auto& name = cmbn_emu::shared_array<T, N>();`` (see cuda_runtime.h)
   - ``at::empty(...)`` / ``at::empty_like(...)`` -> ``cmbn_emu::poisoned(...)``
   - ``.is_cuda()`` -> ``.is_cpu()``: CPU tensors stand for the emulated device's
@@ -65,7 +65,8 @@ def rewrite_calls(text, pattern, rewrite):
 
 def launch(match, arguments):
     grid, block = split_top_level(match.group(2))[:2]
-    return f"::cmbn_emu::launch({grid}, {block}, [&] {{ {match.group(1)}({arguments}); }})"
+    arguments = f", {arguments}" if arguments.strip() else ""
+    return f"::cmbn_emu::launch<&{match.group(1)}>({grid}, {block}{arguments})"
 
 
 def poisoned_allocation(match, arguments):
