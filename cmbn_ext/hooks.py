@@ -125,7 +125,7 @@ def set_cumulative_windows(model, window):
     """Set ``window`` on every cumulative-mode CmBN layer of ``model``: sliding windows are fixed at
     construction and EMA has none. For the integrations, which read it from the trainer's accumulation."""
     for layer in _cmbn_layers(model):
-        if layer.mode == "cumulative" and layer.window != window:
+        if layer.mode in ("cumulative", "deferred") and layer.window != window:
             layer.window = window
 
 
