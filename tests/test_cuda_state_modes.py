@@ -6,22 +6,13 @@ kernels, unless CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation).
 import pytest
 import torch
 
-import cmbn_ext
-import emulation
 from cmbn_ext import ops, window_state
-
-EMULATED = emulation.requested()
-if EMULATED:
-    DEVICE = "cpu"
-elif not torch.cuda.is_available() or not cmbn_ext.has_cuda_kernels():
-    pytest.skip("needs a GPU and the compiled CUDA kernels (cmbn_ext._C)", allow_module_level=True)
-else:
-    DEVICE = "cuda"
-
-# The update_state helpers of the kernel suite: buffers with history, statistics with non-finite
-# channels, and the comparison in each buffer's dtype.
-from test_cuda_kernels import (STATE_DTYPES, assert_same_state, make_state,  # noqa: E402
-                               micro_batch_statistics, poison_allocator, random_input, to_device)
+# The kernel suite's device (importing it skips this module where it skips) and its update_state
+# helpers: buffers with history, statistics with non-finite channels, the comparison in each buffer's
+# dtype.
+from test_cuda_kernels import (DEVICE, EMULATED, STATE_DTYPES, assert_same_state,  # noqa: F401
+                               make_state, micro_batch_statistics, poison_allocator, random_input,
+                               to_device)
 
 UPDATE_STATE = torch.ops.cmbn_ext.cmbn_update_state
 TRAIN_FORWARD = torch.ops.cmbn_ext.cmbn_train_forward

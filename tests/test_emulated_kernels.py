@@ -33,7 +33,7 @@ KERNEL_TESTS = "tests/test_cuda_kernels.py"
 LAYER_TESTS = [f"tests/{name}" for name in (
     "test_batchnorm_parity.py", "test_modes.py", "test_layouts_dtypes.py", "test_checkpoint.py",
     "test_activation_checkpointing.py", "test_errors.py", "test_distributed.py",
-    "test_train_forward.py")]
+    "test_train_forward.py", "test_deferred_mode.py", "test_cuda_state_modes.py")]
 # Test functions of test_cuda_kernels.py by group; "kernels_other" runs the rest of the module.
 KERNEL_GROUPS = {
     "quick_regimes": ["test_regime"],
