@@ -11,6 +11,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 
 #include "cmbn_cuda.h"
 #include "device_utils.cuh"
@@ -84,187 +85,354 @@ __device__ GradCoefficients<acc_t> grad_coefficients(const BackwardArgs<scalar_t
   return k;
 }
 
-// One kernel for the four phases (see Phase), laid out like the forward kernel.
+// The block-level steps of a backward launch, shared by the two-pass and the single-read kernels (see
+// ForwardBlock).
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
-    cmbn_backward_kernel(const BackwardArgs<scalar_t, acc_t> args, const Phase phase) {
-  constexpr bool kRowLayout = L == Layout::kRows;
-  constexpr int kAccs = kRowLayout ? VEC : 1;  // channels one thread accumulates
-  constexpr int kEntries = kRowLayout ? kBlockThreads * VEC : kBlockThreads;
-  constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
-  __shared__ GradSums<acc_t> entries[kEntries];
-  __shared__ acc_t tile_coef_dy[kMaxTile];
-  __shared__ acc_t tile_coef_xc[kMaxTile];
-  __shared__ acc_t tile_constant[kMaxTile];
+struct BackwardBlock {
+  static constexpr bool kRowLayout = L == Layout::kRows;
+  static constexpr int kAccs = kRowLayout ? VEC : 1;  // channels one thread accumulates
+  static constexpr int kEntries = kRowLayout ? kBlockThreads * VEC : kBlockThreads;
+  static constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
 
-  const Geometry& geo = args.geo;
-  const int thread = block_thread();
-  const int width = geo.tile_width;
-  const int64_t group = blockIdx.x;
-  const int split = blockIdx.y;
-  const int64_t first_channel = group * width;
-  const auto add = [](const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
-    return grad_sums_add(a, b);
-  };
-  int64_t offset[kUnroll];
-  bool valid[kUnroll];
+  const BackwardArgs<scalar_t, acc_t>& args;
+  GradSums<acc_t>* entries;
+  int thread;
+  int width;
+  int64_t first_channel;
+  int split;
+  acc_t batch_mean[kAccs];  // of the thread's channel(s), subtracted from x
 
-  // The batch mean of the thread's channel(s), subtracted from x in both passes.
-  acc_t batch_mean[kAccs];
+  __device__ BackwardBlock(const BackwardArgs<scalar_t, acc_t>& args_, GradSums<acc_t>* entries_,
+                           int64_t group, int split_)
+      : args(args_),
+        entries(entries_),
+        thread(block_thread()),
+        width(args_.geo.tile_width),
+        first_channel(group * args_.geo.tile_width),
+        split(split_) {
 #pragma unroll
-  for (int a = 0; a < kAccs; ++a) {
-    const int64_t c = first_channel + (kRowLayout ? threadIdx.x * VEC + a : 0);
-    batch_mean[a] = c < geo.channels ? args.batch_mean[c] : acc_t(0);
+    for (int a = 0; a < kAccs; ++a) {
+      const int64_t c = first_channel + (kRowLayout ? threadIdx.x * VEC + a : 0);
+      batch_mean[a] = c < args.geo.channels ? args.batch_mean[c] : acc_t(0);
+    }
   }
 
-  if (phase == Phase::kFused || phase == Phase::kPartial) {
-    GradSums<acc_t> sums[kAccs];
+  __device__ static GradSums<acc_t> add(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
+    return grad_sums_add(a, b);
+  }
+
+  // Adds one round of packs (the values `keep` keeps, where the layout masks them) to the sums.
+  __device__ __forceinline__ void accumulate(GradSums<acc_t> (&sums)[kAccs],
+                                             const Pack<scalar_t, VEC> (&x)[kUnroll],
+                                             const Pack<scalar_t, VEC> (&dy)[kUnroll],
+                                             const bool (&valid)[kUnroll],
+                                             const uint32_t (&keep)[kUnroll]) const {
 #pragma unroll
-    for (int a = 0; a < kAccs; ++a) sums[a] = GradSums<acc_t>{acc_t(0), acc_t(0)};
-    Walker<L, VEC> walker(geo, group, split);
-    while (walker.next(offset, valid)) {
-      Pack<scalar_t, VEC> x_pack[kUnroll];
-      Pack<scalar_t, VEC> dy_pack[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!valid[u]) continue;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (valid[u]) {
-          x_pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
-          dy_pack[u] = load_pack<scalar_t, VEC>(args.grad_y + offset[u]);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (!valid[u]) continue;
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          const int a = kAccs == 1 ? 0 : v;
-          const acc_t dy = to_acc<acc_t>(dy_pack[u].v[v]);
-          sums[a].dy += dy;
-          sums[a].dy_xc += dy * (to_acc<acc_t>(x_pack[u].v[v]) - batch_mean[a]);
-        }
+      for (int v = 0; v < VEC; ++v) {
+        if (L == Layout::kPlanesMasked && !(keep[u] >> v & 1u)) continue;
+        const int a = kAccs == 1 ? 0 : v;
+        const acc_t g = to_acc<acc_t>(dy[u].v[v]);
+        sums[a].dy += g;
+        sums[a].dy_xc = multiply_add(g, to_acc<acc_t>(x[u].v[v]) - batch_mean[a], sums[a].dy_xc);
       }
     }
+  }
+
+  // The thread's sums into `entries`, then the block's fixed tree.
+  __device__ void reduce(const GradSums<acc_t> (&sums)[kAccs]) {
 #pragma unroll
     for (int a = 0; a < kAccs; ++a) {
       const int entry = kRowLayout ? threadIdx.y * width + threadIdx.x * VEC + a : thread;
       entries[entry] = sums[a];
     }
-    tree_reduce(entries, kRowLayout ? geo.rows_per_block : kBlockThreads, width, thread, add);
-    if (phase == Phase::kPartial) {
-      const int64_t c = first_channel + thread;
-      if (thread < width && c < geo.channels) {
-        const int64_t slot = c * geo.splits + split;
-        args.partial_sum_dy[slot] = entries[thread].dy;
-        args.partial_sum_dy_xc[slot] = entries[thread].dy_xc;
-      }
-      return;
+    tree_reduce(entries, kRowLayout ? args.geo.rows_per_block : kBlockThreads, width, thread, add);
+  }
+
+  __device__ void write_partial() {
+    const int64_t c = first_channel + thread;
+    if (thread < width && c < args.geo.channels) {
+      const int64_t slot = c * args.geo.splits + split;
+      args.partial_sum_dy[slot] = entries[thread].dy;
+      args.partial_sum_dy_xc[slot] = entries[thread].dy_xc;
     }
-  } else if (phase == Phase::kApply) {
-    // Add the splits' partial sums in a fixed order (see the forward kernel).
+  }
+
+  // Adds the splits' partial sums in a fixed order (see ForwardBlock::merge_partials).
+  __device__ void merge_partials() {
     const int parts = kBlockThreads / width;
     const int channel_in_tile = thread % width;
     const int part = thread / width;
     const int64_t c = first_channel + channel_in_tile;
     GradSums<acc_t> sums{acc_t(0), acc_t(0)};
-    if (c < geo.channels) {
-      for (int s = part; s < geo.splits; s += parts) {
-        const int64_t slot = c * geo.splits + s;
-        sums = grad_sums_add(sums, GradSums<acc_t>{args.partial_sum_dy[slot],
-                                                   args.partial_sum_dy_xc[slot]});
+    if (c < args.geo.channels) {
+      for (int s = part; s < args.geo.splits; s += parts) {
+        const int64_t slot = c * args.geo.splits + s;
+        sums = grad_sums_add(sums, GradSums<acc_t>{args.partial_sum_dy[slot], args.partial_sum_dy_xc[slot]});
       }
     }
     entries[thread] = sums;  // == part * width + channel_in_tile
     tree_reduce(entries, parts, width, thread, add);
   }
 
-  // Finalize: one thread per channel of the tile; the split-0 block writes the per-channel outputs.
-  if (thread < width) {
+  // One thread per channel of the tile: the sums (reduced, or given), then the split-0 block writes the
+  // per-channel outputs; with dx, each channel's coefficients go to the tile arrays.
+  __device__ void finalize(bool given, acc_t* tile_coef_dy, acc_t* tile_coef_xc, acc_t* tile_constant) {
+    if (thread >= width) return;
     const int64_t c = first_channel + thread;
-    if (c < geo.channels) {
-      const GradSums<acc_t> sums =
-          phase == Phase::kGiven
-              ? GradSums<acc_t>{args.given_sum_dy[c], args.given_sum_dy_xc[c]}
-              : entries[thread];
-      if (!args.write_grad_x) {
-        if (split == 0) {
-          args.sum_dy[c] = sums.dy;
-          args.sum_dy_xc[c] = sums.dy_xc;
-        }
-      } else {
-        const int64_t values = phase == Phase::kGiven ? *args.count : geo.values_per_channel;
-        const GradCoefficients<acc_t> k = grad_coefficients(
-            args, c, sums, values, split == 0 && args.grad_weight != nullptr);
-        tile_coef_dy[thread] = k.coef_dy;
-        tile_coef_xc[thread] = k.coef_xc;
-        tile_constant[thread] = k.constant;
+    if (c >= args.geo.channels) return;
+    const GradSums<acc_t> sums =
+        given ? GradSums<acc_t>{args.given_sum_dy[c], args.given_sum_dy_xc[c]} : entries[thread];
+    if (!args.write_grad_x) {
+      if (split == 0) {
+        args.sum_dy[c] = sums.dy;
+        args.sum_dy_xc[c] = sums.dy_xc;
       }
+      return;
+    }
+    const int64_t values = given ? *args.count : args.geo.values_per_channel;
+    const GradCoefficients<acc_t> k =
+        grad_coefficients(args, c, sums, values, split == 0 && args.grad_weight != nullptr);
+    tile_coef_dy[thread] = k.coef_dy;
+    tile_coef_xc[thread] = k.coef_xc;
+    tile_constant[thread] = k.constant;
+  }
+};
+
+// dx = coef_dy * dy + (coef_xc * (x - batch_mean) + constant) for each channel of the thread: one pack.
+template <typename scalar_t, typename acc_t, int VEC, bool ROWS, int ACCS = ROWS ? VEC : 1>
+struct GradInput {
+  acc_t coef_dy[ACCS];
+  acc_t coef_xc[ACCS];
+  acc_t constant[ACCS];
+  acc_t batch_mean[ACCS];
+
+  __device__ GradInput(const acc_t* tile_coef_dy, const acc_t* tile_coef_xc, const acc_t* tile_constant,
+                       const acc_t (&mean)[ACCS], int64_t first_channel, int64_t channels) {
+#pragma unroll
+    for (int a = 0; a < ACCS; ++a) {
+      const int index = ROWS ? threadIdx.x * VEC + a : 0;  // kRows: the thread's channels
+      const bool exists = first_channel + index < channels;
+      coef_dy[a] = exists ? tile_coef_dy[index] : acc_t(0);
+      coef_xc[a] = exists ? tile_coef_xc[index] : acc_t(0);
+      constant[a] = exists ? tile_constant[index] : acc_t(0);
+      batch_mean[a] = mean[a];
     }
   }
+
+  __device__ __forceinline__ Pack<scalar_t, VEC> operator()(const Pack<scalar_t, VEC>& x,
+                                                            const Pack<scalar_t, VEC>& dy) const {
+    Pack<scalar_t, VEC> out;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const int a = ACCS == 1 ? 0 : v;
+      const acc_t centered = to_acc<acc_t>(x.v[v]) - batch_mean[a];
+      out.v[v] = static_cast<scalar_t>(multiply_add(
+          coef_dy[a], to_acc<acc_t>(dy.v[v]), multiply_add(coef_xc[a], centered, constant[a])));
+    }
+    return out;
+  }
+};
+
+// The two-pass kernel, one template for the four phases (see Phase), laid out like the forward's; the
+// dx pass walks each thread's packs from last to first (see cmbn_forward_kernel).
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+__global__ void __launch_bounds__(kBlockThreads)
+    cmbn_backward_kernel(const BackwardArgs<scalar_t, acc_t> args, const Phase phase) {
+  using Block = BackwardBlock<scalar_t, acc_t, L, VEC>;
+  __shared__ GradSums<acc_t> entries[Block::kEntries];
+  __shared__ acc_t tile_coef_dy[Block::kMaxTile];
+  __shared__ acc_t tile_coef_xc[Block::kMaxTile];
+  __shared__ acc_t tile_constant[Block::kMaxTile];
+
+  const Geometry& geo = args.geo;
+  const int64_t group = blockIdx.x;
+  const int split = blockIdx.y;
+  Block block(args, entries, group, split);
+  int64_t offset[kUnroll];
+  bool valid[kUnroll];
+
+  if (phase == Phase::kFused || phase == Phase::kPartial) {
+    GradSums<acc_t> sums[Block::kAccs];
+#pragma unroll
+    for (int a = 0; a < Block::kAccs; ++a) sums[a] = GradSums<acc_t>{acc_t(0), acc_t(0)};
+    Walker<L, VEC> walker(geo, group, split);
+    while (walker.next(offset, valid)) {
+      Pack<scalar_t, VEC> x_pack[kUnroll];
+      Pack<scalar_t, VEC> dy_pack[kUnroll];
+      uint32_t keep[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        keep[u] = walker.kept(u);
+        if (valid[u]) {
+          x_pack[u] = load_walked<L, VEC>(args.x, offset[u], keep[u], geo.total);
+          dy_pack[u] = load_walked<L, VEC>(args.grad_y, offset[u], keep[u], geo.total);
+        }
+      }
+      block.accumulate(sums, x_pack, dy_pack, valid, keep);
+    }
+    block.reduce(sums);
+    if (phase == Phase::kPartial) {
+      block.write_partial();
+      return;
+    }
+  } else if (phase == Phase::kApply) {
+    block.merge_partials();
+  }
+  block.finalize(phase == Phase::kGiven, tile_coef_dy, tile_coef_xc, tile_constant);
   if (!args.write_grad_x) return;  // the sums only (the same for every thread of the grid)
   __syncthreads();
 
-  acc_t coef_dy[kAccs];
-  acc_t coef_xc[kAccs];
-  acc_t constant[kAccs];
-#pragma unroll
-  for (int a = 0; a < kAccs; ++a) {
-    const int index = kRowLayout ? threadIdx.x * VEC + a : 0;
-    const bool exists = first_channel + index < geo.channels;
-    coef_dy[a] = exists ? tile_coef_dy[index] : acc_t(0);
-    coef_xc[a] = exists ? tile_coef_xc[index] : acc_t(0);
-    constant[a] = exists ? tile_constant[index] : acc_t(0);
-  }
-  Walker<L, VEC> walker(geo, group, split);
+  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(
+      tile_coef_dy, tile_coef_xc, tile_constant, block.batch_mean, block.first_channel, geo.channels);
+  Walker<L, VEC> walker(geo, group, split, /*reversed=*/true);
   while (walker.next(offset, valid)) {
     Pack<scalar_t, VEC> x_pack[kUnroll];
     Pack<scalar_t, VEC> dy_pack[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (valid[u]) {
-        x_pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
-        dy_pack[u] = load_pack<scalar_t, VEC>(args.grad_y + offset[u]);
+        x_pack[u] = load_walked<L, VEC>(args.x, offset[u], walker.kept(u), geo.total);
+        dy_pack[u] = load_walked<L, VEC>(args.grad_y, offset[u], walker.kept(u), geo.total);
       }
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      Pack<scalar_t, VEC> out;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const int a = kAccs == 1 ? 0 : v;
-        const acc_t centered = to_acc<acc_t>(x_pack[u].v[v]) - batch_mean[a];
-        const acc_t dx = coef_dy[a] * to_acc<acc_t>(dy_pack[u].v[v]) +
-                         (coef_xc[a] * centered + constant[a]);
-        out.v[v] = static_cast<scalar_t>(dx);
+      if (valid[u]) {
+        store_walked<L, VEC>(args.grad_x, offset[u], walker.kept(u), grad_input(x_pack[u], dy_pack[u]));
       }
-      store_pack<scalar_t, VEC>(args.grad_x + offset[u], out);
     }
   }
 }
 
-// Launches the kernel over x and grad_y: `given` sums (kGiven) take one launch; otherwise the sums are
-// reduced in one fused launch or a partial launch into a workspace and an apply launch. Without dx
-// (the sums only) only the split-0 blocks of the apply launch have work.
+// The single-read kernel (cmbn_backward only): each thread loads its share of x and grad_y once, into
+// registers, reduces them as the two-pass kernel does and writes dx from the registers; kGrid meets
+// at a grid barrier between the partial sums and their merge (see cmbn_forward_held_kernel).
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+__global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
+    cmbn_backward_held_kernel(const BackwardArgs<scalar_t, acc_t> args, const Residency residency) {
+  constexpr int kRounds = held_rounds<scalar_t, L>(kHeldRoundsBackward);
+  using Block = BackwardBlock<scalar_t, acc_t, L, VEC>;
+  __shared__ GradSums<acc_t> entries[Block::kEntries];
+  __shared__ acc_t tile_coef_dy[Block::kMaxTile];
+  __shared__ acc_t tile_coef_xc[Block::kMaxTile];
+  __shared__ acc_t tile_constant[Block::kMaxTile];
+
+  const Geometry& geo = args.geo;
+  const int64_t group = blockIdx.x;
+  const int split = blockIdx.y;
+  Block block(args, entries, group, split);
+
+  Pack<scalar_t, VEC> held_x[kRounds][kUnroll];
+  Pack<scalar_t, VEC> held_dy[kRounds][kUnroll];
+  bool valid[kRounds][kUnroll];
+  uint32_t keep[kRounds][kUnroll];
+  {
+    Walker<L, VEC> walker(geo, group, split);
+    int64_t offset[kUnroll];
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const bool more = walker.next(offset, valid[r]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        valid[r][u] = more && valid[r][u];
+        keep[r][u] = more ? walker.kept(u) : 0u;
+        if (valid[r][u]) {
+          held_x[r][u] = load_walked<L, VEC>(args.x, offset[u], keep[r][u], geo.total);
+          held_dy[r][u] = load_walked<L, VEC>(args.grad_y, offset[u], keep[r][u], geo.total);
+        }
+      }
+    }
+  }
+  GradSums<acc_t> sums[Block::kAccs];
+#pragma unroll
+  for (int a = 0; a < Block::kAccs; ++a) sums[a] = GradSums<acc_t>{acc_t(0), acc_t(0)};
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    block.accumulate(sums, held_x[r], held_dy[r], valid[r], keep[r]);
+  }
+  block.reduce(sums);
+  if (residency == Residency::kGrid) {
+    block.write_partial();
+    cooperative_groups::this_grid().sync();
+    block.merge_partials();
+  }
+  block.finalize(/*given=*/false, tile_coef_dy, tile_coef_xc, tile_constant);
+  __syncthreads();
+
+  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(
+      tile_coef_dy, tile_coef_xc, tile_constant, block.batch_mean, block.first_channel, geo.channels);
+  Walker<L, VEC> walker(geo, group, split);
+  int64_t offset[kUnroll];
+  bool any[kUnroll];
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    if (!walker.next(offset, any)) break;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (valid[r][u]) {
+        store_walked<L, VEC>(args.grad_x, offset[u], keep[r][u], grad_input(held_x[r][u], held_dy[r][u]));
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+LaunchPlan backward_plan(const LayoutInfo& info) {
+  const int64_t resident = resident_blocks<&cmbn_backward_kernel<scalar_t, acc_t, L, VEC>,
+                                           &cmbn_backward_held_kernel<scalar_t, acc_t, L, VEC>>();
+  return plan_launch(info, VEC, sizeof(scalar_t), resident,
+                     held_rounds<scalar_t, L>(kHeldRoundsBackward) * kUnroll);
+}
+
+// Launches the kernels over x and grad_y: `given` sums (kGiven) take one launch; with dx, the
+// single-read kernel where the plan takes it; otherwise the sums are reduced in one fused launch or a
+// partial launch into a workspace and an apply launch. Without dx (the sums only) only the split-0
+// blocks of the apply launch have work.
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
 void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, const at::Tensor& x,
                      bool given) {
-  args.geo = make_geometry(info, VEC, sizeof(scalar_t));
+  const LaunchPlan plan = backward_plan<scalar_t, acc_t, L, VEC>(info);
+  args.geo = plan.geo;
   const Geometry& geo = args.geo;
   const dim3 grid = grid_shape(geo);
   const dim3 block = block_shape(geo, L);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (given || geo.splits == 1) {
-    cmbn_backward_kernel<scalar_t, acc_t, L, VEC>
-        <<<grid, block, 0, stream>>>(args, given ? Phase::kGiven : Phase::kFused);
+  if (given) {
+    cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kGiven);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  // Workspace: two sums per channel and split, all written by the partial launch.
+  const bool single_read = plan.path == KernelPath::kSingleRead && args.write_grad_x;
+  if (single_read && !plan.cooperative) {
+    cmbn_backward_held_kernel<scalar_t, acc_t, L, VEC>
+        <<<grid, block, 0, stream>>>(args, Residency::kBlock);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (!single_read && geo.splits == 1) {
+    cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kFused);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Workspace: two sums per channel and split, all written before any is read.
   const int64_t slots = geo.channels * geo.splits;
   const at::Tensor partial_sums =
       at::empty({2, slots}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   args.partial_sum_dy = partial_sums.data_ptr<acc_t>();
   args.partial_sum_dy_xc = args.partial_sum_dy + slots;
+  if (single_read) {
+    Residency residency = Residency::kGrid;
+    void* kernel_args[] = {&args, &residency};
+    const cudaError_t status = cudaLaunchCooperativeKernel(
+        &cmbn_backward_held_kernel<scalar_t, acc_t, L, VEC>, grid, block, kernel_args, 0, stream);
+    if (!cooperative_launch_refused(status)) {
+      C10_CUDA_CHECK(status);
+      return;
+    }
+  }
   cmbn_backward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kPartial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 apply_grid = args.write_grad_x ? grid : dim3(grid.x, 1);
@@ -272,27 +440,28 @@ void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, Layout L, int VEC>
+struct BackwardLaunch {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  static void run(const LayoutInfo& info, const BackwardArgs<scalar_t, acc_t>& args, const at::Tensor& x,
+                  bool given) {
+    launch_backward<scalar_t, acc_t, L, VEC>(args, info, x, given);
+  }
+};
+
+template <typename scalar_t, Layout L, int VEC>
+struct BackwardPlan {
+  static LaunchPlan run(const LayoutInfo& info) {
+    return backward_plan<scalar_t, at::acc_type<scalar_t, /*is_cuda=*/true>, L, VEC>(info);
+  }
+};
+
 // `grad_x` is undefined when nothing is written.
 template <typename scalar_t, typename acc_t>
 void dispatch_backward(const BackwardArgs<scalar_t, acc_t>& args, const LayoutInfo& info,
                        const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor& grad_x,
                        bool given) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = is_aligned_16(x) && is_aligned_16(grad_y) &&
-                       (!grad_x.defined() || is_aligned_16(grad_x));
-  if (info.layout == Layout::kPlanes) {
-    if (aligned && info.inner % kVec == 0) {
-      launch_backward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x, given);
-    } else {
-      launch_backward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x, given);
-    }
-  } else {
-    if (aligned && info.channels % kVec == 0) {
-      launch_backward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x, given);
-    } else {
-      launch_backward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x, given);
-    }
-  }
+  with_walk<BackwardLaunch, scalar_t>(walk_of<scalar_t>(info, {x, grad_y, grad_x}), args, x, given);
 }
 
 // A (C,) statistic saved by the forward (or a sum), in the statistics' dtype and contiguous (a no-op
@@ -469,6 +638,19 @@ at::Tensor cmbn_backward_dx_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   });
   if (!work.out.is_same(grad_x)) grad_x.copy_(work.out);
   return grad_x;
+}
+
+LaunchPlan cmbn_backward_plan(const at::Tensor& x) {
+  check_input("cmbn_kernel_plan", x, "x");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  // grad_x = empty_like(x): x's layout when the kernels read it, else both contiguous; grad_y is
+  // brought to that layout (aligned, when copied).
+  const ReadableTensor readable_x = readable(x);
+  LaunchPlan plan{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_plan", [&] {
+    plan = with_walk<BackwardPlan, scalar_t>(walk_of<scalar_t>(readable_x.info, {readable_x.x}));
+  });
+  return plan;
 }
 
 }  // namespace cmbn

@@ -11,6 +11,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
 
 #include "cmbn_cuda.h"
 #include "device_utils.cuh"
@@ -100,111 +101,74 @@ __device__ ChannelStatistics<acc_t> pooled_statistics(const ForwardArgs<scalar_t
   return s;
 }
 
-// Adds the valid values of kUnroll packs to the thread's summaries: a chunk's own mean and M2 first
-// (two passes over registers), then one Chan merge, so a division is paid per chunk, not per value.
-// kPlanes: all values belong to the thread's one channel; kRows: value v of a pack to channel v.
-template <typename acc_t, typename scalar_t, int VEC, int ACCS>
-__device__ __forceinline__ void accumulate_chunk(WelfordState<acc_t> (&state)[ACCS],
-                                                 const Pack<scalar_t, VEC> (&pack)[kUnroll],
-                                                 const bool (&valid)[kUnroll]) {
-#pragma unroll
-  for (int a = 0; a < ACCS; ++a) {
-    const int v_begin = ACCS == 1 ? 0 : a;
-    const int v_end = ACCS == 1 ? VEC : a + 1;
-    acc_t sum = 0;
-    int count = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-#pragma unroll
-      for (int v = v_begin; v < v_end; ++v) {
-        sum += to_acc<acc_t>(pack[u].v[v]);
-        ++count;
-      }
-    }
-    const acc_t chunk_mean = sum / static_cast<acc_t>(count);  // count > 0: pack 0 is valid
-    acc_t chunk_m2 = 0;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-#pragma unroll
-      for (int v = v_begin; v < v_end; ++v) {
-        const acc_t d = to_acc<acc_t>(pack[u].v[v]) - chunk_mean;
-        chunk_m2 += d * d;
-      }
-    }
-    state[a] = welford_merge(state[a], WelfordState<acc_t>{chunk_mean, chunk_m2, count});
-  }
-}
-
-// One kernel for the four phases (see Phase). Block = one channel group (blockIdx.x) x one split
-// (blockIdx.y). Shared entries hold per-thread summaries at [part * tile_width + channel in tile].
+// The block-level steps of a forward launch, shared by the two-pass kernel and the single-read kernel
+// so that both compute the same bits. `entries` (shared) holds per-thread summaries at
+// [part * tile_width + channel in tile].
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
-__global__ void __launch_bounds__(kBlockThreads)
-    cmbn_forward_kernel(const ForwardArgs<scalar_t, acc_t> args, const Phase phase) {
-  constexpr bool kRowLayout = L == Layout::kRows;
-  constexpr int kAccs = kRowLayout ? VEC : 1;  // channels one thread accumulates
-  constexpr int kEntries = kRowLayout ? kBlockThreads * VEC : kBlockThreads;
-  constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
-  __shared__ WelfordState<acc_t> entries[kEntries];
-  __shared__ acc_t tile_mean[kMaxTile];
-  __shared__ acc_t tile_scale[kMaxTile];
-  __shared__ acc_t tile_bias[kMaxTile];
+struct ForwardBlock {
+  static constexpr bool kRowLayout = L == Layout::kRows;
+  static constexpr bool kMasked = L == Layout::kPlanesMasked;
+  static constexpr int kAccs = kRowLayout ? VEC : 1;  // channels one thread accumulates
+  static constexpr int kEntries = kRowLayout ? kBlockThreads * VEC : kBlockThreads;
+  static constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
+  using Sums = ShiftedSums<acc_t, kAccs>;
 
-  const Geometry& geo = args.geo;
-  const int thread = block_thread();
-  const int width = geo.tile_width;
-  const int64_t group = blockIdx.x;
-  const int split = blockIdx.y;
-  const int64_t first_channel = group * width;
-  const auto merge = [](const WelfordState<acc_t>& a, const WelfordState<acc_t>& b) {
+  const ForwardArgs<scalar_t, acc_t>& args;
+  WelfordState<acc_t>* entries;
+  int thread;
+  int width;
+  int64_t first_channel;
+  int split;
+
+  __device__ static WelfordState<acc_t> merge(const WelfordState<acc_t>& a, const WelfordState<acc_t>& b) {
     return welford_merge(a, b);
-  };
-  int64_t offset[kUnroll];
-  bool valid[kUnroll];
+  }
 
-  if (phase == Phase::kFused || phase == Phase::kPartial) {
-    WelfordState<acc_t> state[kAccs];
-#pragma unroll
-    for (int a = 0; a < kAccs; ++a) state[a] = welford_empty<acc_t>();
-    Walker<L, VEC> walker(geo, group, split);
-    while (walker.next(offset, valid)) {
-      Pack<scalar_t, VEC> pack[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (valid[u]) pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
-      }
-      accumulate_chunk<acc_t, scalar_t, VEC, kAccs>(state, pack, valid);
+  // Adds one round of packs (the values `keep` keeps, where the layout masks them) to the sums.
+  __device__ __forceinline__ static void accumulate(Sums& sums, const Pack<scalar_t, VEC> (&pack)[kUnroll],
+                                                    const bool (&valid)[kUnroll],
+                                                    const uint32_t (&keep)[kUnroll]) {
+    if constexpr (kMasked) {
+      accumulate_kept<acc_t, scalar_t, VEC>(sums, pack, keep);
+    } else if (valid[0]) {  // a round whose first pack is invalid is empty (and unloaded)
+      accumulate_packs<acc_t, scalar_t, VEC, kAccs>(sums, pack, valid);
     }
+  }
+
+  // The thread's sums into `entries`, then the block's fixed tree: entries[channel in tile] holds the
+  // block's summary of each channel of its tile.
+  __device__ void reduce(const Sums& sums) {
 #pragma unroll
     for (int a = 0; a < kAccs; ++a) {
       const int entry = kRowLayout ? threadIdx.y * width + threadIdx.x * VEC + a : thread;
-      entries[entry] = state[a];
+      entries[entry] = to_welford(sums, a);
     }
-    tree_reduce(entries, kRowLayout ? geo.rows_per_block : kBlockThreads, width, thread, merge);
-    if (phase == Phase::kPartial) {
-      const int64_t c = first_channel + thread;
-      if (thread < width && c < geo.channels) {
-        const int64_t slot = c * geo.splits + split;
-        args.partial_count[slot] = entries[thread].count;
-        args.partial_mean[slot] = entries[thread].mean;
-        args.partial_m2[slot] = entries[thread].m2;
-      }
-      return;
+    tree_reduce(entries, kRowLayout ? args.geo.rows_per_block : kBlockThreads, width, thread, merge);
+  }
+
+  // The block's summaries into the workspace, one slot per (channel, split).
+  __device__ void write_partial() {
+    const int64_t c = first_channel + thread;
+    if (thread < width && c < args.geo.channels) {
+      const int64_t slot = c * args.geo.splits + split;
+      args.partial_count[slot] = entries[thread].count;
+      args.partial_mean[slot] = entries[thread].mean;
+      args.partial_m2[slot] = entries[thread].m2;
     }
-  } else if (phase == Phase::kApply) {
-    // Merge the splits' partials of each channel: thread (part, channel) takes splits part,
-    // part + parts, ... in order, then the fixed tree; every block of the group gets the same bits.
+  }
+
+  // Every split's summaries of each channel of the tile: thread (part, channel) takes splits part,
+  // part + parts, ... in order, then the fixed tree; every block of the group gets the same bits.
+  __device__ void merge_partials() {
     const int parts = kBlockThreads / width;
     const int channel_in_tile = thread % width;
     const int part = thread / width;
     const int64_t c = first_channel + channel_in_tile;
     WelfordState<acc_t> state = welford_empty<acc_t>();
-    if (c < geo.channels) {
-      for (int s = part; s < geo.splits; s += parts) {
-        const int64_t slot = c * geo.splits + s;
-        state = welford_merge(state, WelfordState<acc_t>{args.partial_mean[slot],
-                                                         args.partial_m2[slot],
+    if (c < args.geo.channels) {
+      for (int s = part; s < args.geo.splits; s += parts) {
+        const int64_t slot = c * args.geo.splits + s;
+        state = welford_merge(state, WelfordState<acc_t>{args.partial_mean[slot], args.partial_m2[slot],
                                                          args.partial_count[slot]});
       }
     }
@@ -212,103 +176,248 @@ __global__ void __launch_bounds__(kBlockThreads)
     tree_reduce(entries, parts, width, thread, merge);
   }
 
-  // Finalize: one thread per channel of the tile; the split-0 block writes the statistics.
-  if (thread < width) {
+  // One thread per channel of the tile: the micro-batch's statistics (reduced into entries, or given),
+  // then the pooled ones; the split-0 block writes the per-channel outputs. With an output, each
+  // channel's (mean, scale, bias) go to the tile arrays for the elementwise step.
+  __device__ void finalize(bool given, acc_t* tile_mean, acc_t* tile_scale, acc_t* tile_bias) {
+    if (thread >= width) return;
     const int64_t c = first_channel + thread;
-    if (c < geo.channels) {
-      acc_t batch_mean;
-      acc_t batch_var;
-      int64_t m;
-      if (phase == Phase::kGiven) {
-        batch_mean = args.given_batch_mean[c];
-        batch_var = args.given_batch_var[c];
-        m = *args.count;
-      } else {
-        // An empty micro-batch has zero statistics (reference.batch_stats): they weigh nothing
-        // beside its count of 0.
-        const WelfordState<acc_t>& batch = entries[thread];
-        batch_mean = batch.count > 0 ? batch.mean : acc_t(0);
-        batch_var = batch.count > 0 ? batch.m2 / static_cast<acc_t>(batch.count) : acc_t(0);
-        m = geo.values_per_channel;
+    if (c >= args.geo.channels) return;
+    acc_t batch_mean;
+    acc_t batch_var;
+    int64_t m;
+    if (given) {
+      batch_mean = args.given_batch_mean[c];
+      batch_var = args.given_batch_var[c];
+      m = *args.count;
+    } else {
+      // An empty micro-batch has zero statistics (reference.batch_stats): they weigh nothing beside
+      // its count of 0.
+      const WelfordState<acc_t>& batch = entries[thread];
+      batch_mean = batch.count > 0 ? batch.mean : acc_t(0);
+      batch_var = batch.count > 0 ? batch.m2 / static_cast<acc_t>(batch.count) : acc_t(0);
+      m = args.geo.values_per_channel;
+    }
+    if (!args.normalize) {
+      if (split == 0) {
+        args.batch_mean[c] = batch_mean;
+        args.batch_var[c] = batch_var;
       }
-      if (!args.normalize) {
-        if (split == 0) {
-          args.batch_mean[c] = batch_mean;
-          args.batch_var[c] = batch_var;
-        }
-      } else {
-        const ChannelStatistics<acc_t> s = pooled_statistics(args, c, batch_mean, batch_var, m);
-        if (split == 0) {
-          args.mean[c] = s.mean;
-          args.var[c] = s.var;
-          args.current_weight[c] = s.b;
-          if (args.batch_mean != nullptr) {
-            args.batch_mean[c] = s.batch_mean;
-            args.batch_var[c] = s.batch_var;
-          }
-        }
-        const acc_t scale = reciprocal_sqrt(s.var + args.eps);
-        tile_mean[thread] = s.mean;
-        tile_scale[thread] = scale * load_any_float<acc_t>(args.weight, c, acc_t(1));
-        tile_bias[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
+      return;
+    }
+    const ChannelStatistics<acc_t> s = pooled_statistics(args, c, batch_mean, batch_var, m);
+    if (split == 0) {
+      args.mean[c] = s.mean;
+      args.var[c] = s.var;
+      args.current_weight[c] = s.b;
+      if (args.batch_mean != nullptr) {
+        args.batch_mean[c] = s.batch_mean;
+        args.batch_var[c] = s.batch_var;
       }
     }
+    const acc_t scale = reciprocal_sqrt(s.var + args.eps);
+    tile_mean[thread] = s.mean;
+    tile_scale[thread] = scale * load_any_float<acc_t>(args.weight, c, acc_t(1));
+    tile_bias[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
   }
+};
+
+// y = (x - mean) * (invstd * weight) + bias for each channel of the thread, in x's dtype: one pack.
+template <typename scalar_t, typename acc_t, int VEC, bool ROWS, int ACCS = ROWS ? VEC : 1>
+struct Normalizer {
+  acc_t mean[ACCS];
+  acc_t scale[ACCS];
+  acc_t bias[ACCS];
+
+  // The thread's channels' coefficients from the tile arrays (after finalize and a barrier).
+  __device__ Normalizer(const acc_t* tile_mean, const acc_t* tile_scale, const acc_t* tile_bias,
+                        int64_t first_channel, int64_t channels) {
+#pragma unroll
+    for (int a = 0; a < ACCS; ++a) {
+      const int index = ROWS ? threadIdx.x * VEC + a : 0;  // kRows: the thread's channels
+      const bool exists = first_channel + index < channels;
+      mean[a] = exists ? tile_mean[index] : acc_t(0);
+      scale[a] = exists ? tile_scale[index] : acc_t(0);
+      bias[a] = exists ? tile_bias[index] : acc_t(0);
+    }
+  }
+
+  __device__ __forceinline__ Pack<scalar_t, VEC> operator()(const Pack<scalar_t, VEC>& pack) const {
+    Pack<scalar_t, VEC> out;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const int a = ACCS == 1 ? 0 : v;
+      out.v[v] = static_cast<scalar_t>(multiply_add(to_acc<acc_t>(pack.v[v]) - mean[a], scale[a], bias[a]));
+    }
+    return out;
+  }
+};
+
+// The two-pass kernel, one template for the four phases (see Phase). Block = one channel group
+// (blockIdx.x) x one split (blockIdx.y). The elementwise pass reads x again, from each thread's last
+// pack back to its first: what the reduction read last is the likeliest to be in L2 still.
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+__global__ void __launch_bounds__(kBlockThreads)
+    cmbn_forward_kernel(const ForwardArgs<scalar_t, acc_t> args, const Phase phase) {
+  using Block = ForwardBlock<scalar_t, acc_t, L, VEC>;
+  __shared__ WelfordState<acc_t> entries[Block::kEntries];
+  __shared__ acc_t tile_mean[Block::kMaxTile];
+  __shared__ acc_t tile_scale[Block::kMaxTile];
+  __shared__ acc_t tile_bias[Block::kMaxTile];
+
+  const Geometry& geo = args.geo;
+  const int64_t group = blockIdx.x;
+  const int split = blockIdx.y;
+  Block block{args, entries, block_thread(), geo.tile_width, group * geo.tile_width, split};
+  int64_t offset[kUnroll];
+  bool valid[kUnroll];
+
+  if (phase == Phase::kFused || phase == Phase::kPartial) {
+    typename Block::Sums sums = shifted_sums_empty<acc_t, Block::kAccs>();
+    Walker<L, VEC> walker(geo, group, split);
+    while (walker.next(offset, valid)) {
+      Pack<scalar_t, VEC> pack[kUnroll];
+      uint32_t keep[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        keep[u] = walker.kept(u);
+        if (valid[u]) pack[u] = load_walked<L, VEC>(args.x, offset[u], keep[u], geo.total);
+      }
+      Block::accumulate(sums, pack, valid, keep);
+    }
+    block.reduce(sums);
+    if (phase == Phase::kPartial) {
+      block.write_partial();
+      return;
+    }
+  } else if (phase == Phase::kApply) {
+    block.merge_partials();
+  }
+  block.finalize(phase == Phase::kGiven, tile_mean, tile_scale, tile_bias);
   if (!args.normalize) return;  // statistics only (the same for every thread of the grid)
   __syncthreads();
 
-  // Normalize: y = (x - mean) * (invstd * weight) + bias, stored in x's dtype and layout.
-  acc_t mean[kAccs];
-  acc_t scale[kAccs];
-  acc_t bias[kAccs];
-#pragma unroll
-  for (int a = 0; a < kAccs; ++a) {
-    const int index = kRowLayout ? threadIdx.x * VEC + a : 0;
-    const bool exists = first_channel + index < geo.channels;
-    mean[a] = exists ? tile_mean[index] : acc_t(0);
-    scale[a] = exists ? tile_scale[index] : acc_t(0);
-    bias[a] = exists ? tile_bias[index] : acc_t(0);
-  }
-  Walker<L, VEC> walker(geo, group, split);
+  const Normalizer<scalar_t, acc_t, VEC, Block::kRowLayout> normalize(tile_mean, tile_scale, tile_bias,
+                                                                 block.first_channel, geo.channels);
+  Walker<L, VEC> walker(geo, group, split, /*reversed=*/true);
   while (walker.next(offset, valid)) {
     Pack<scalar_t, VEC> pack[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (valid[u]) pack[u] = load_pack<scalar_t, VEC>(args.x + offset[u]);
+      if (valid[u]) pack[u] = load_walked<L, VEC>(args.x, offset[u], walker.kept(u), geo.total);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      Pack<scalar_t, VEC> out;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const int a = kAccs == 1 ? 0 : v;
-        out.v[v] = static_cast<scalar_t>((to_acc<acc_t>(pack[u].v[v]) - mean[a]) * scale[a] + bias[a]);
-      }
-      store_pack<scalar_t, VEC>(args.y + offset[u], out);
+      if (valid[u]) store_walked<L, VEC>(args.y, offset[u], walker.kept(u), normalize(pack[u]));
     }
   }
 }
 
-// Launches the kernel over x: `given` statistics (kGiven) take one launch; otherwise x is reduced in
-// one fused launch (one block per channel group) or a partial launch into a workspace and an apply
-// launch. Without an output (statistics only) only the split-0 blocks of the apply launch have work.
+// The single-read kernel (cmbn_forward only): each thread loads its share of x once, into registers
+// (at most held_rounds rounds, which the plan guarantees), reduces it as the two-pass kernel
+// does (the same geometry, sums and merges, so the same bits), and writes y from the registers.
+// kGrid: the blocks of a channel group publish their partial summaries and meet at a grid barrier
+// (a cooperative launch holds every block at once) before each merges all of them.
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+__global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
+    cmbn_forward_held_kernel(const ForwardArgs<scalar_t, acc_t> args, const Residency residency) {
+  constexpr int kRounds = held_rounds<scalar_t, L>(kHeldRoundsForward);
+  using Block = ForwardBlock<scalar_t, acc_t, L, VEC>;
+  __shared__ WelfordState<acc_t> entries[Block::kEntries];
+  __shared__ acc_t tile_mean[Block::kMaxTile];
+  __shared__ acc_t tile_scale[Block::kMaxTile];
+  __shared__ acc_t tile_bias[Block::kMaxTile];
+
+  const Geometry& geo = args.geo;
+  const int64_t group = blockIdx.x;
+  const int split = blockIdx.y;
+  Block block{args, entries, block_thread(), geo.tile_width, group * geo.tile_width, split};
+
+  Pack<scalar_t, VEC> held[kRounds][kUnroll];
+  bool valid[kRounds][kUnroll];
+  uint32_t keep[kRounds][kUnroll];
+  {
+    Walker<L, VEC> walker(geo, group, split);
+    int64_t offset[kUnroll];
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const bool more = walker.next(offset, valid[r]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        valid[r][u] = more && valid[r][u];
+        keep[r][u] = more ? walker.kept(u) : 0u;
+        if (valid[r][u]) held[r][u] = load_walked<L, VEC>(args.x, offset[u], keep[r][u], geo.total);
+      }
+    }
+  }
+  typename Block::Sums sums = shifted_sums_empty<acc_t, Block::kAccs>();
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) Block::accumulate(sums, held[r], valid[r], keep[r]);
+  block.reduce(sums);
+  if (residency == Residency::kGrid) {
+    block.write_partial();
+    cooperative_groups::this_grid().sync();
+    block.merge_partials();
+  }
+  block.finalize(/*given=*/false, tile_mean, tile_scale, tile_bias);
+  __syncthreads();
+
+  const Normalizer<scalar_t, acc_t, VEC, Block::kRowLayout> normalize(tile_mean, tile_scale, tile_bias,
+                                                                 block.first_channel, geo.channels);
+  Walker<L, VEC> walker(geo, group, split);
+  int64_t offset[kUnroll];
+  bool any[kUnroll];
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    if (!walker.next(offset, any)) break;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (valid[r][u]) store_walked<L, VEC>(args.y, offset[u], keep[r][u], normalize(held[r][u]));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, Layout L, int VEC>
+LaunchPlan forward_plan(const LayoutInfo& info) {
+  const int64_t resident = resident_blocks<&cmbn_forward_kernel<scalar_t, acc_t, L, VEC>,
+                                           &cmbn_forward_held_kernel<scalar_t, acc_t, L, VEC>>();
+  return plan_launch(info, VEC, sizeof(scalar_t), resident,
+                     held_rounds<scalar_t, L>(kHeldRoundsForward) * kUnroll);
+}
+
+// Launches the kernels over x: `given` statistics (kGiven) take one launch; with an output, the
+// single-read kernel where the plan takes it (one launch; cooperative when a channel group spans
+// several blocks); otherwise x is reduced in one fused launch (one block per channel group) or a
+// partial launch into a workspace and an apply launch. Without an output (statistics only) only the
+// split-0 blocks of the apply launch have work.
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
 void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, const at::Tensor& x,
                     bool given) {
-  args.geo = make_geometry(info, VEC, sizeof(scalar_t));
+  const LaunchPlan plan = forward_plan<scalar_t, acc_t, L, VEC>(info);
+  args.geo = plan.geo;
   const Geometry& geo = args.geo;
   const dim3 grid = grid_shape(geo);
   const dim3 block = block_shape(geo, L);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (given || geo.splits == 1) {
-    cmbn_forward_kernel<scalar_t, acc_t, L, VEC>
-        <<<grid, block, 0, stream>>>(args, given ? Phase::kGiven : Phase::kFused);
+  if (given) {
+    cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kGiven);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  // Workspace: one (count, mean, M2) per channel and split; every entry is written by the partial
-  // launch before the apply launch reads it, so it needs no initialization.
+  const bool single_read = plan.path == KernelPath::kSingleRead && args.normalize;
+  if (single_read && !plan.cooperative) {
+    cmbn_forward_held_kernel<scalar_t, acc_t, L, VEC>
+        <<<grid, block, 0, stream>>>(args, Residency::kBlock);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (!single_read && geo.splits == 1) {
+    cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kFused);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Workspace: one (count, mean, M2) per channel and split; every entry is written (before the grid
+  // barrier, or by the partial launch) before any is read, so it needs no initialization.
   const int64_t slots = geo.channels * geo.splits;
   const at::Tensor partial_count = at::empty({slots}, x.options().dtype(at::kLong));
   const at::Tensor partial_stats =
@@ -316,6 +425,17 @@ void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, c
   args.partial_count = partial_count.data_ptr<int64_t>();
   args.partial_mean = partial_stats.data_ptr<acc_t>();
   args.partial_m2 = args.partial_mean + slots;
+  if (single_read) {
+    Residency residency = Residency::kGrid;
+    void* kernel_args[] = {&args, &residency};
+    const cudaError_t status = cudaLaunchCooperativeKernel(
+        &cmbn_forward_held_kernel<scalar_t, acc_t, L, VEC>, grid, block, kernel_args, 0, stream);
+    if (!cooperative_launch_refused(status)) {
+      C10_CUDA_CHECK(status);
+      return;
+    }
+    // The GPU cannot hold the whole grid now (another process's work, MPS): the two-pass path.
+  }
   cmbn_forward_kernel<scalar_t, acc_t, L, VEC><<<grid, block, 0, stream>>>(args, Phase::kPartial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 apply_grid = args.normalize ? grid : dim3(grid.x, 1);
@@ -323,26 +443,27 @@ void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Picks 16-byte packs when every pack is aligned and stays inside one plane (kPlanes) or one row's
-// channels (kRows), else one value at a time. `y` is undefined when nothing is written.
+template <typename scalar_t, Layout L, int VEC>
+struct ForwardLaunch {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  static void run(const LayoutInfo& info, const ForwardArgs<scalar_t, acc_t>& args, const at::Tensor& x,
+                  bool given) {
+    launch_forward<scalar_t, acc_t, L, VEC>(args, info, x, given);
+  }
+};
+
+template <typename scalar_t, Layout L, int VEC>
+struct ForwardPlan {
+  static LaunchPlan run(const LayoutInfo& info) {
+    return forward_plan<scalar_t, at::acc_type<scalar_t, /*is_cuda=*/true>, L, VEC>(info);
+  }
+};
+
+// `y` is undefined when nothing is written.
 template <typename scalar_t, typename acc_t>
 void dispatch_forward(const ForwardArgs<scalar_t, acc_t>& args, const LayoutInfo& info,
                       const at::Tensor& x, const at::Tensor& y, bool given) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const bool aligned = is_aligned_16(x) && (!y.defined() || is_aligned_16(y));
-  if (info.layout == Layout::kPlanes) {
-    if (aligned && info.inner % kVec == 0) {
-      launch_forward<scalar_t, acc_t, Layout::kPlanes, kVec>(args, info, x, given);
-    } else {
-      launch_forward<scalar_t, acc_t, Layout::kPlanes, 1>(args, info, x, given);
-    }
-  } else {
-    if (aligned && info.channels % kVec == 0) {
-      launch_forward<scalar_t, acc_t, Layout::kRows, kVec>(args, info, x, given);
-    } else {
-      launch_forward<scalar_t, acc_t, Layout::kRows, 1>(args, info, x, given);
-    }
-  }
+  with_walk<ForwardLaunch, scalar_t>(walk_of<scalar_t>(info, {x, y}), args, x, given);
 }
 
 void check_history(const char* op, const at::Tensor& x, const at::Tensor& count,
@@ -524,6 +645,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_c
   });
   if (!work.out.is_same(y)) y.copy_(work.out);
   return {y, mean, var, current_weight};
+}
+
+LaunchPlan cmbn_forward_plan(const at::Tensor& x) {
+  check_input("cmbn_kernel_plan", x, "x");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const ReadableTensor readable_x = readable(x);  // y takes x's layout, or both a contiguous one
+  LaunchPlan plan{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_forward_plan", [&] {
+    plan = with_walk<ForwardPlan, scalar_t>(walk_of<scalar_t>(readable_x.info, {readable_x.x}));
+  });
+  return plan;
 }
 
 }  // namespace cmbn

@@ -4,8 +4,13 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
+#include <c10/cuda/CUDAException.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -178,25 +183,31 @@ inline int64_t next_power_of_two(int64_t v) {
   return p;
 }
 
-// Splits the values of each channel group over enough blocks to fill the GPU (about four blocks of
-// 256 threads per SM), but never so many that a block has fewer than two rounds of kUnroll packs per
-// thread. splits == 1 is the small regime (one fused launch); a few splits the medium one; many
-// splits over few channels the huge one.
-inline Geometry make_geometry(const LayoutInfo& info, int vec, int element_size) {
+// Splits the values of each channel group over enough blocks for one wave of `resident_blocks` (the
+// blocks the GPU holds at once, from the occupancy of the kernels that will run), but never so many
+// that a thread has fewer than `min_items` packs (kPlanes) or rows (kRows). splits == 1 is the small regime
+// (one block per channel group); a few splits the medium one; many splits over few channels the huge
+// one. Both paths (two-pass and single-read) take this geometry, so they reduce the same values in the
+// same blocks and threads: the statistics are the same bits whichever path ran.
+inline Geometry make_geometry(const LayoutInfo& info, int vec, int element_size, int64_t resident_blocks,
+                              int64_t min_items) {
   Geometry geo{};
   geo.channels = info.channels;
   geo.outer = info.outer;
+  geo.inner = info.inner;
+  geo.total = info.outer * info.channels * info.inner;
   int64_t items_per_group;  // packs (kPlanes) or rows (kRows) one channel group holds
   int64_t min_items_per_block;
-  if (info.layout == Layout::kPlanes) {
-    geo.inner_packs = info.inner / vec;
+  if (info.layout != Layout::kRows) {
+    // A plane of `inner` values starting anywhere in a pack overlaps at most this many packs.
+    geo.inner_packs = info.layout == Layout::kPlanes ? info.inner / vec : (info.inner + vec - 2) / vec + 1;
     geo.values_per_channel = info.outer * info.inner;
     geo.lanes = kBlockThreads;
     geo.rows_per_block = 1;
     geo.tile_width = 1;
     geo.channel_groups = info.channels;
     items_per_group = info.outer * geo.inner_packs;
-    min_items_per_block = static_cast<int64_t>(kBlockThreads) * kUnroll * 2;
+    min_items_per_block = static_cast<int64_t>(kBlockThreads) * min_items;
   } else {
     geo.inner_packs = 1;
     geo.values_per_channel = info.outer;
@@ -209,19 +220,130 @@ inline Geometry make_geometry(const LayoutInfo& info, int vec, int element_size)
     geo.tile_width = geo.lanes * vec;
     geo.channel_groups = ceil_div(info.channels, geo.tile_width);
     items_per_group = info.outer;
-    min_items_per_block = static_cast<int64_t>(geo.rows_per_block) * kUnroll * 2;
+    min_items_per_block = static_cast<int64_t>(geo.rows_per_block) * min_items;
   }
-  const int64_t target_blocks =
-      4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  int64_t splits = std::min(ceil_div(target_blocks, std::max<int64_t>(geo.channel_groups, 1)),
-                            ceil_div(items_per_group, min_items_per_block));
+  const int64_t splits = std::min(resident_blocks / std::max<int64_t>(geo.channel_groups, 1),
+                                  ceil_div(items_per_group, min_items_per_block));
   geo.splits = static_cast<int>(std::clamp<int64_t>(splits, 1, kMaxSplits));
-  if (info.layout == Layout::kPlanes && geo.inner_packs > 0) {
+  if (info.layout != Layout::kRows && geo.inner_packs > 0) {
     const int64_t stride = static_cast<int64_t>(geo.splits) * kBlockThreads;
     geo.step_outer = stride / geo.inner_packs;
     geo.step_inner = stride % geo.inner_packs;
   }
   return geo;
+}
+
+// Packs (kPlanes*) or rows (kRows) the busiest thread of the grid visits.
+inline int64_t items_per_thread(const Geometry& geo, Layout layout) {
+  const bool planes = layout != Layout::kRows;
+  const int64_t items_per_group = planes ? geo.outer * geo.inner_packs : geo.outer;
+  const int64_t threads_per_group =
+      static_cast<int64_t>(geo.splits) * (planes ? kBlockThreads : geo.rows_per_block);
+  return ceil_div(items_per_group, threads_per_group);
+}
+
+// CMBN_KERNEL_PATH: which path the fused ops take. Read at every call, so a test or benchmark can
+// switch it in-process; "auto" (or unset) picks the single-read path wherever it fits.
+inline KernelPath requested_path() {
+  const char* text = std::getenv("CMBN_KERNEL_PATH");
+  if (text == nullptr || *text == '\0' || std::strcmp(text, "auto") == 0) return KernelPath::kAuto;
+  if (std::strcmp(text, "two_pass") == 0) return KernelPath::kTwoPass;
+  if (std::strcmp(text, "single_read") == 0) return KernelPath::kSingleRead;
+  TORCH_CHECK(false, "CMBN_KERNEL_PATH must be auto, two_pass or single_read, got '", text, "'");
+  return KernelPath::kAuto;
+}
+
+// Blocks of 256 threads the GPU holds at once for both kernels of a direction: the lower occupancy
+// of the two (asked once per kernel, then cached) times the SM count.
+template <auto TwoPassKernel, auto HeldKernel>
+int64_t resident_blocks() {
+  static const int blocks_per_sm = [] {
+    int two_pass = 0;
+    int held = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&two_pass, TwoPassKernel,
+                                                                 kBlockThreads, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&held, HeldKernel, kBlockThreads, 0));
+    return std::max(1, std::min(two_pass, held));
+  }();
+  return static_cast<int64_t>(blocks_per_sm) *
+         at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// The launches of a fused op (cmbn_forward, cmbn_backward) for an input: the geometry, and the
+// single-read path where every thread's share fits in its registers (at most `held_items` packs or
+// rows) and, when a channel group spans several blocks, a cooperative launch can hold the whole grid.
+// Blocks get two rounds of kUnroll items a thread at least (one where that is all a thread holds),
+// so that a channel split over blocks for want of channels fits in registers.
+inline LaunchPlan plan_launch(const LayoutInfo& info, int vec, int element_size,
+                              int64_t resident_blocks, int held_items) {
+  LaunchPlan plan{};
+  const int64_t min_items = std::min<int64_t>(2 * kUnroll, held_items);
+  plan.geo = make_geometry(info, vec, element_size, resident_blocks, min_items);
+  plan.resident_blocks = resident_blocks;
+  plan.layout = info.layout;
+  plan.vec = vec;
+  plan.path = KernelPath::kTwoPass;
+  const KernelPath requested = requested_path();
+  if (requested == KernelPath::kTwoPass) return plan;
+  const bool fits = items_per_thread(plan.geo, info.layout) <= held_items;
+  const bool several_blocks = plan.geo.splits > 1;
+  const bool cooperative =
+      !several_blocks || (at::cuda::getCurrentDeviceProperties()->cooperativeLaunch != 0 &&
+                          plan.geo.channel_groups * plan.geo.splits <= resident_blocks);
+  if (fits && cooperative) {
+    plan.path = KernelPath::kSingleRead;
+    plan.cooperative = several_blocks;
+  }
+  return plan;
+}
+
+// A refused cooperative launch (the grid does not fit on the GPU as it is now, e.g. under MPS, or
+// the device cannot run one): cleared, so the caller can take the two-pass path instead.
+inline bool cooperative_launch_refused(cudaError_t status) {
+  if (status != cudaErrorCooperativeLaunchTooLarge && status != cudaErrorNotSupported) return false;
+  (void)cudaGetLastError();
+  return true;
+}
+
+// How the kernels walk a layout: the walk's layout (kPlanesMasked for planes that do not hold whole
+// packs) and whether it moves 16-byte packs or single values.
+struct Walk {
+  LayoutInfo info;
+  bool packs;
+};
+
+// 16-byte packs when every tensor the kernel reads or writes (undefined ones aside) is aligned and
+// either a pack stays inside one plane (kPlanes) or one row's channels (kRows), or the planes span
+// two packs or more (kPlanesMasked: the packs over each plane, masked at its ends); else one value at
+// a time.
+template <typename scalar_t>
+Walk walk_of(const LayoutInfo& info, std::initializer_list<at::Tensor> tensors) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  bool aligned = true;
+  for (const at::Tensor& t : tensors) aligned = aligned && (!t.defined() || is_aligned_16(t));
+  if (info.layout == Layout::kRows) return Walk{info, aligned && info.channels % kVec == 0};
+  if (aligned && info.inner % kVec != 0 && info.inner >= 2 * kVec) {
+    LayoutInfo masked = info;
+    masked.layout = Layout::kPlanesMasked;
+    return Walk{masked, true};
+  }
+  return Walk{info, aligned && info.inner % kVec == 0};
+}
+
+// Op<scalar_t, L, VEC>::run(walk.info, args...) for the walk's layout and pack width.
+template <template <typename, Layout, int> class Op, typename scalar_t, typename... Args>
+decltype(auto) with_walk(const Walk& walk, Args&&... args) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  switch (walk.info.layout) {
+    case Layout::kPlanesMasked:
+      return Op<scalar_t, Layout::kPlanesMasked, kVec>::run(walk.info, args...);
+    case Layout::kPlanes:
+      return walk.packs ? Op<scalar_t, Layout::kPlanes, kVec>::run(walk.info, args...)
+                        : Op<scalar_t, Layout::kPlanes, 1>::run(walk.info, args...);
+    default:
+      return walk.packs ? Op<scalar_t, Layout::kRows, kVec>::run(walk.info, args...)
+                        : Op<scalar_t, Layout::kRows, 1>::run(walk.info, args...);
+  }
 }
 
 inline dim3 block_shape(const Geometry& geo, Layout layout) {

@@ -8,13 +8,22 @@ namespace cmbn {
 constexpr int kBlockThreads = 256;  // every kernel runs 256 threads per block
 constexpr int kUnroll = 4;          // 16-byte packs each thread has in flight per loop iteration
 constexpr int kMaxSplits = 1024;    // blocks per channel group, at most (bounds the final merge)
+// Single-read path: rounds of kUnroll packs (kPlanes) or rows (kRows) one thread holds in registers,
+// x alone in the forward, x and grad_y in the backward (about 64 registers of values either way).
+constexpr int kHeldRoundsForward = 4;
+constexpr int kHeldRoundsBackward = 2;
+// Blocks per SM the single-read kernels are compiled for (at most 128 registers a thread): their grid
+// is bounded by what the GPU holds at once, so occupancy is capacity.
+constexpr int kHeldBlocksPerSM = 2;
 
-// The two layouts the kernels read without a copy.
-//   kPlanes: contiguous (N, C, *) with a spatial size > 1: channel c of sample n is one contiguous
-//            plane of `inner` values at ((n * C + c) * inner).
-//   kRows:   channels innermost: channels_last, channels_last_3d, (N, C) and any (N, C, 1...) input;
-//            value (row r, channel c) at (r * C + c), rows = N * prod(spatial).
-enum class Layout : int { kPlanes, kRows };
+// The two layouts the kernels read without a copy, and how they walk them.
+//   kPlanes:       contiguous (N, C, *) with a spatial size > 1: channel c of sample n is one
+//                  contiguous plane of `inner` values at ((n * C + c) * inner).
+//   kRows:         channels innermost: channels_last, channels_last_3d, (N, C) and any (N, C, 1...)
+//                  input; value (row r, channel c) at (r * C + c), rows = N * prod(spatial).
+//   kPlanesMasked: kPlanes walked in aligned 16-byte packs although `inner` is not a multiple of the
+//                  pack (7 x 7 planes): the values of a pack outside the plane are masked off.
+enum class Layout : int { kPlanes, kRows, kPlanesMasked };
 
 // What one launch of a kernel does (one kernel template serves all four).
 //   kFused:   a block owns whole channels: reduce, finalize and write the output in one launch.
@@ -29,7 +38,10 @@ enum class Phase : int { kFused, kPartial, kApply, kGiven };
 struct Geometry {
   int64_t channels;            // C
   int64_t outer;               // kPlanes: N; kRows: rows
-  int64_t inner_packs;         // kPlanes: packs per plane (inner / VEC); kRows: unused
+  int64_t inner;               // kPlanes*: values per plane; kRows: 1
+  int64_t total;               // values in x (N * C * inner)
+  int64_t inner_packs;         // kPlanes: packs per plane (inner / VEC); kPlanesMasked: pack slots per
+                               // plane (the most any alignment of a plane takes); kRows: unused
   int64_t values_per_channel;  // m
   int64_t channel_groups;      // gridDim.x: kPlanes one channel per group, kRows one tile of channels
   int64_t step_outer;          // kPlanes: one thread's stride (splits * kBlockThreads packs) as
@@ -38,6 +50,30 @@ struct Geometry {
   int lanes;                   // kRows: blockDim.x, threads across channels; kPlanes: kBlockThreads
   int rows_per_block;          // kRows: blockDim.y; kPlanes: 1
   int tile_width;              // channels one block covers: kRows lanes * VEC, kPlanes 1
+};
+
+// Which kernels a fused op (cmbn_forward, cmbn_backward) runs:
+//   kTwoPass:    reduce x, then read it again to normalize (one fused launch, or a partial and an
+//                apply launch);
+//   kSingleRead: each thread holds its share of x (and grad_y) in registers from the reduction to the
+//                output, so x is read once; the blocks of a channel group meet at a grid barrier
+//                (cooperative launch) when there are several.
+//   kAuto:       CMBN_KERNEL_PATH unset: the single-read path wherever it fits.
+enum class KernelPath : int { kAuto, kTwoPass, kSingleRead };
+
+// How the single-read kernel is launched (its phase): kBlock one block per channel group, a plain
+// launch; kGrid several blocks per channel group, a cooperative launch with a grid barrier between
+// the partial reductions and their merge.
+enum class Residency : int { kBlock, kGrid };
+
+// What a fused op launches for one input (host_utils.h plan_launch; cmbn_kernel_plan reports it).
+struct LaunchPlan {
+  Geometry geo;
+  KernelPath path;          // kTwoPass or kSingleRead
+  bool cooperative;         // kSingleRead with several blocks per channel group
+  Layout layout;
+  int vec;                  // values per pack
+  int64_t resident_blocks;  // blocks the GPU holds at once (the grid's upper bound)
 };
 
 // A per-channel vector (weight, bias, history) in whatever float dtype the caller keeps it; read once

@@ -12,4 +12,5 @@ TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m) {
   m.impl("cmbn_backward_dx", TORCH_FN(cmbn::cmbn_backward_dx_cuda));
   m.impl("cmbn_update_state", TORCH_FN(cmbn::cmbn_update_state_cuda));
   m.impl("cmbn_train_forward", TORCH_FN(cmbn::cmbn_train_forward_cuda));
+  m.impl("cmbn_kernel_plan", TORCH_FN(cmbn::cmbn_kernel_plan_cuda));
 }

@@ -42,6 +42,8 @@ KERNEL_GROUPS = {
     "shapes": ["test_shapes", "test_phase_ops_shapes"],
     "large": ["test_more_than_2_pow_24_values_per_channel", "test_bitwise_deterministic",
               "test_layer_state_matches_reference"],
+    "single_read": ["test_paths_give_the_same_bits", "test_single_read_path_up_to_what_fits_on_chip",
+                    "test_kernel_path_switch_and_plan_errors"],
 }
 
 
@@ -56,8 +58,12 @@ GROUPS = {  # name -> pytest arguments, quickest first
                                       for test in kernel_tests(group))],
     "shapes": kernel_tests("shapes"),
     "large": kernel_tests("large"),
+    "single_read": kernel_tests("single_read"),
     "layers": LAYER_TESTS,
 }
+# A GPU of 8 SMs: the single-read tests fill its cooperative grid (16 resident blocks) with inputs
+# that stay small; on 132 SMs a full grid is 264 blocks of 256 fibers each.
+GROUP_ENVIRONMENT = {"single_read": {"CMBN_EMULATED_SMS": "8"}}
 ASAN = emulation.asan_environment()
 VARIANT = dict(ASAN, CMBN_EMULATED_KERNELS="asan") if ASAN else {"CMBN_EMULATED_KERNELS": "1"}
 if ASAN and os.environ.get("LD_PRELOAD"):  # the sanitizer's runtime first, then what was there
@@ -69,33 +75,56 @@ needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) i
                                     reason="needs a C++ compiler")
 
 
+def run_on_the_emulated_kernels(arguments, environment, counts_file):
+    """Runs pytest with ``arguments`` on the emulated kernels; returns (exit code, output, summary)."""
+    arguments = ["-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", "-rfE", *arguments]
+    # -s: a sanitizer report ends the process, so it must not wait in pytest's capture.
+    result = subprocess.run(
+        [sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True,
+        env=dict(os.environ, **VARIANT, **environment, CMBN_EMULATION_SEED=SEED,
+                 CMBN_EMULATION_LAUNCH_COUNTS=str(counts_file)),
+        timeout=2400)
+    output = result.stdout + result.stderr
+    settings = " ".join(f"{name}={value}" for name, value in environment.items())
+    summary = (f"exit {result.returncode}; to repeat:\n  CMBN_EMULATION_SEED={SEED} {settings} "
+               f"CMBN_EMULATED_KERNELS={VARIANT['CMBN_EMULATED_KERNELS']} python {' '.join(arguments)}\n"
+               f"(CMBN_EMULATED_KERNELS=asan needs the environment of emulation.asan_environment())\n"
+               f"{output[-8000:]}")
+    return result.returncode, output, summary
+
+
 @needs_compiler
 @pytest.mark.parametrize("group", list(GROUPS))
 def test_passes_on_the_emulated_kernels(group, tmp_path):
     counts_file = tmp_path / "launch_counts.json"
-    arguments = ["-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", "-rfE", *GROUPS[group]]
-    # -s: a sanitizer report ends the process, so it must not wait in pytest's capture.
-    result = subprocess.run(
-        [sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True,
-        env=dict(os.environ, **VARIANT, CMBN_EMULATION_SEED=SEED,
-                 CMBN_EMULATION_LAUNCH_COUNTS=str(counts_file)),
-        timeout=2400)
-    output = result.stdout + result.stderr
-    summary = (f"exit {result.returncode}; to repeat:\n  CMBN_EMULATION_SEED={SEED} "
-               f"CMBN_EMULATED_KERNELS={VARIANT['CMBN_EMULATED_KERNELS']} python {' '.join(arguments)}\n"
-               f"(CMBN_EMULATED_KERNELS=asan needs the environment of emulation.asan_environment())\n"
-               f"{output[-8000:]}")
-    assert result.returncode == 0, f"{group} failed on the emulated kernels, {summary}"
+    returncode, output, summary = run_on_the_emulated_kernels(
+        GROUPS[group], GROUP_ENVIRONMENT.get(group, {}), counts_file)
+    assert returncode == 0, f"{group} failed on the emulated kernels, {summary}"
     passed = re.search(r"(\d+) passed", output)
     assert passed and int(passed.group(1)) > 0, f"no {group} test ran on the emulated kernels, {summary}"
     with open(counts_file) as file:
         LAUNCHES[group] = {(kernel, phase): n for kernel, phase, n in json.load(file)}
 
 
+@needs_compiler
+def test_a_missing_grid_barrier_is_caught(tmp_path):
+    """With the grid barrier skipped (the emulation's fault switch), each block of a cooperative
+    launch runs to its end alone and merges partials its siblings have not written yet: the
+    single-read kernels' tests must fail on every case with a grid barrier, and only there."""
+    returncode, output, summary = run_on_the_emulated_kernels(
+        [f"{KERNEL_TESTS}::test_paths_give_the_same_bits"],
+        dict(GROUP_ENVIRONMENT["single_read"], CMBN_EMULATION_SKIP_GRID_SYNC="1"),
+        tmp_path / "launch_counts.json")
+    assert returncode != 0, f"the kernels passed without their grid barrier, {summary}"
+    failed = set(re.findall(r"FAILED \S+::test_paths_give_the_same_bits\[(\w+)\]", output))
+    assert failed == {"grid_planes", "grid_rows", "grid_rows_odd", "grid_fp64"}, summary
+    assert "AssertionError" in output, summary
+
+
 def launch_table(counts):
     """One line per kernel instantiation: its launches in each phase."""
-    order = {"kFused": 0, "kPartial": 1, "kApply": 2, "kGiven": 3}
-    phases = sorted({phase for _, phase in counts}, key=lambda phase: (order.get(phase, 4), phase))
+    order = {"kFused": 0, "kPartial": 1, "kApply": 2, "kGiven": 3, "kBlock": 4, "kGrid": 5}
+    phases = sorted({phase for _, phase in counts}, key=lambda phase: (order.get(phase, 6), phase))
     kernels = sorted({kernel for kernel, _ in counts})
     width = max(map(len, kernels))
     lines = [f"{'kernel instantiation':<{width}}" + "".join(f"{p or 'launches':>10}" for p in phases)]
