@@ -1,5 +1,8 @@
 """Benchmark of Cross mini-Batch Normalization: the CmBN layer against torch.nn.BatchNorm2d, the
-pure-PyTorch path and torch.compile of it, as times, ratios and shares of the memory floor.
+pure-PyTorch path and torch.compile of it, as times, ratios and shares of the memory floor. On a GPU
+the CmBN kernels run three ways side by side: as the launchers choose (CMBN_KERNEL_PATH=auto) and with
+each path forced (two_pass, single_read); the report adds each shape's launch plans and their modeled
+DRAM traffic (traffic_model.py).
 
     python3 bench/benchmark.py --device cuda [--out DIR]   # GPU: kernels, BatchNorm2d, pure, compiled
     python3 bench/benchmark.py --device cpu  [--out DIR]   # CPU: reference, BatchNorm2d, article sample
@@ -37,6 +40,7 @@ from torch import nn  # noqa: E402
 import cmbn_ext  # noqa: E402
 import report  # noqa: E402
 import timing  # noqa: E402
+import traffic_model  # noqa: E402
 from cmbn_ext import reference  # noqa: E402
 
 GPU_SHAPES = [(8, 64, 112, 112), (8, 64, 56, 56), (16, 256, 56, 56), (8, 512, 28, 28),
@@ -47,8 +51,12 @@ DTYPES = {  # key -> (dtype, memory format)
     "fp16-cl": (torch.float16, torch.channels_last),
     "fp32": (torch.float32, torch.contiguous_format),
 }
-GPU_VARIANTS = [("cmbn", "CmBN kernels"), ("batchnorm", "BatchNorm2d"), ("pure", "pure PyTorch"),
-                ("compiled", "compiled pure")]
+GPU_VARIANTS = [("cmbn", "CmBN kernels (auto path)"), ("cmbn_two_pass", "CmBN kernels, two_pass forced"),
+                ("cmbn_single_read", "CmBN kernels, single_read forced"), ("batchnorm", "BatchNorm2d"),
+                ("pure", "pure PyTorch"), ("compiled", "compiled pure")]
+KERNEL_VARIANTS = ["cmbn", "cmbn_two_pass", "cmbn_single_read", "batchnorm"]  # timed in this process
+# CMBN_KERNEL_PATH while a CmBN variant runs (the launchers read it at every call).
+KERNEL_PATHS = {"cmbn": "auto", "cmbn_two_pass": "two_pass", "cmbn_single_read": "single_read"}
 CPU_VARIANTS = [("cmbn", "CmBN reference"), ("batchnorm", "BatchNorm2d"), ("sample", "article sample")]
 PASSES = ("fwd", "fwd+bwd")
 EPS = 1e-5
@@ -60,11 +68,11 @@ SETTINGS = {  # warm-up calls, runs and timed seconds per measurement
     "cpu": {"warmup": 2, "min_runs": 5, "max_runs": 50, "seconds": 0.8},
     "quick": {"warmup": 1, "min_runs": 2, "max_runs": 3, "seconds": 0.0},
 }
-# The GPU budget, counted from the start: timing kernels and BatchNorm2d until 32% of it, the
-# end-to-end step until 38%, their launch counts until 44%; then the pure-PyTorch subprocess until a
-# few seconds before the end: the eager layer in its first 35%, torch.compile until its last 12%, which
-# count launches. Whatever a stage has not reached by its end is recorded as skipped.
-STAGE_ENDS = {"timing": 0.32, "e2e": 0.38, "launches": 0.44}
+# The GPU budget, counted from the start: timing the kernels (three paths) and BatchNorm2d until 38% of
+# it, the end-to-end step until 43%, their launch counts until 50%; then the pure-PyTorch subprocess
+# until a few seconds before the end: the eager layer in its first 35%, torch.compile until its last
+# 12%, which count launches. Whatever a stage has not reached by its end is recorded as skipped.
+STAGE_ENDS = {"timing": 0.38, "e2e": 0.43, "launches": 0.50}
 WORKER_EAGER_SHARE, WORKER_COUNT_SHARE = 0.35, 0.12
 REPORT_RESERVE_S, WORKER_GRACE_S = 6.0, 5.0  # the worker is killed at most 1 s before the budget ends
 COMPILE_GUESS_S = {"fwd+bwd": 25.0, "fwd": 12.0}  # before any compile was seen on this machine
@@ -114,7 +122,7 @@ def make_layer(variant, channels, device):
         return ArticleSampleCrossBatchNorm(channels)
     if variant == "batchnorm":
         layer = nn.BatchNorm2d(channels, eps=EPS, device=device)
-    else:  # "cmbn", or "pure" in a process where the kernels are disabled
+    else:  # a "cmbn" variant, or "pure" in a process where the kernels are disabled
         layer = cmbn_ext.CrossMiniBatchNorm2d(channels, eps=EPS, window=WINDOW, device=device)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
@@ -232,9 +240,10 @@ def measure_e2e(variant, device, settings, seconds):
             loss.backward()
             optimizer.step()
 
-        stats = timing.time_calls(step, batches, device, warmup=settings["warmup"],
-                                  min_runs=settings["min_runs"], max_runs=settings["max_runs"],
-                                  seconds=seconds)
+        with traffic_model.kernel_path(KERNEL_PATHS.get(variant)):
+            stats = timing.time_calls(step, batches, device, warmup=settings["warmup"],
+                                      min_runs=settings["min_runs"], max_runs=settings["max_runs"],
+                                      seconds=seconds)
         record.update(stats.as_dict())
     except Exception as error:  # one failing variant is recorded, the run goes on
         record["error"] = describe(error)
@@ -276,20 +285,35 @@ def measure(record, call, input_sets, device, settings, seconds):
     return record
 
 
-def measure_config(shape, dtype_key, variants, device, settings, cap_s, count_jobs):
+def forced_path_not_taken(plans, variant, pass_):
+    """Why a forced-path variant is not worth timing for this pass (it would time the other path
+    again), or None. ``plans`` holds the shape's plans by "<CMBN_KERNEL_PATH>/<direction>"."""
+    if variant != "cmbn_single_read" or not plans:
+        return None
+    directions = ("fwd",) if pass_ == "fwd" else ("fwd", "bwd")
+    forced = [plans.get(f"single_read/{d}") or {} for d in directions]
+    if all(plan.get("path") == "two_pass" for plan in forced):
+        return "skipped: single_read does not fit this shape (its plan is two_pass)"
+    return None
+
+
+def measure_config(shape, dtype_key, variants, device, settings, cap_s, count_jobs, plans=None):
     """All passes of the layer variants on one shape and dtype, within about ``cap_s`` seconds.
 
     Each variant timed without error adds a job to ``count_jobs`` (when given) for counting its
-    launches later, once all timing is done (see ``count_launches``).
+    launches later, once all timing is done (see ``count_launches``). ``plans`` (the shape's kernel
+    plans) lets a forced path that would fall back to the other one go untimed.
     """
     passes = [(v, p) for v in variants for p in PASSES if not (v == "sample" and p != "fwd")]
-    seconds = min(settings["seconds"], 0.5 * cap_s / len(passes))  # the rest: warm-up and setup
-    records = []
+    not_taken = {(v, p): forced_path_not_taken(plans, v, p) for v, p in passes}
+    records = [dict(base_record(shape, dtype_key, p, v), error=why) for (v, p), why in not_taken.items() if why]
+    passes = [(v, p) for v, p in passes if not not_taken[(v, p)]]
+    seconds = min(settings["seconds"], 0.5 * cap_s / max(1, len(passes)))  # the rest: warm-up, setup
     try:
         x_bytes = base_record(shape, dtype_key, "fwd", variants[0])["x_bytes"]
         input_sets = make_input_sets(shape, dtype_key, device, timing.input_sets_needed(x_bytes, device))
     except Exception as error:
-        return [dict(base_record(shape, dtype_key, p, v), error=describe(error)) for v, p in passes]
+        return records + [dict(base_record(shape, dtype_key, p, v), error=describe(error)) for v, p in passes]
     for variant, pass_ in passes:
         record = base_record(shape, dtype_key, pass_, variant)
         try:
@@ -297,7 +321,8 @@ def measure_config(shape, dtype_key, variants, device, settings, cap_s, count_jo
         except Exception as error:
             records.append(dict(record, error=describe(error)))
             continue
-        records.append(measure(record, layer_call(layer, pass_), input_sets, device, settings, seconds))
+        with traffic_model.kernel_path(KERNEL_PATHS.get(variant)):
+            records.append(measure(record, layer_call(layer, pass_), input_sets, device, settings, seconds))
         if count_jobs is not None and not record.get("error"):
             count_jobs.append((record_key(record), layer_builder(variant, shape, dtype_key, pass_, device)))
     del input_sets
@@ -305,10 +330,15 @@ def measure_config(shape, dtype_key, variants, device, settings, cap_s, count_jo
 
 
 def layer_builder(variant, shape, dtype_key, pass_, device):
-    """A fresh layer's timed call and one input set, for counting its launches."""
+    """A fresh layer's timed call (under the variant's CMBN_KERNEL_PATH) and one input set, for
+    counting its launches."""
     def build():
-        return (layer_call(make_layer(variant, shape[1], device), pass_),
-                make_input_sets(shape, dtype_key, device, 1))
+        call = layer_call(make_layer(variant, shape[1], device), pass_)
+
+        def call_on_its_path(inputs):
+            with traffic_model.kernel_path(KERNEL_PATHS.get(variant)):
+                return call(inputs)
+        return call_on_its_path, make_input_sets(shape, dtype_key, device, 1)
     return build
 
 
@@ -330,8 +360,9 @@ def count_launches(count_jobs, device, stage_end, on_count, chunk=8):
     return True
 
 
-def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit):
-    """Measure each (shape, dtype) within the stage's time, sharing what is left among those left."""
+def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit, plans=None):
+    """Measure each (shape, dtype) within the stage's time, sharing what is left among those left.
+    ``plans``: {(shape, dtype key): that shape's kernel plans}, or None."""
     for i, (shape, dtype_key) in enumerate(configs):
         left = stage_end - time.time()
         if left <= 0:
@@ -341,7 +372,7 @@ def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit
                                  ("fwd",) if variant == "sample" else PASSES))
             return
         emit(measure_config(shape, dtype_key, variants, device, settings, left / (len(configs) - i),
-                            count_jobs))
+                            count_jobs, (plans or {}).get((tuple(shape), dtype_key))))
 
 
 def run_compiled(configs, device, settings, deadline, count_jobs, emit):
@@ -601,7 +632,10 @@ def method_text(device, settings, meta):
     l2 = meta.get("l2_bytes") or 0
     return (f"CUDA events around each call, queued back to back and read after one synchronize; {runs}; "
             f"input sets rotated so that together they exceed {timing.L2_MULTIPLE}x the L2 "
-            f"({l2 / 2**20:.0f} MiB). {common} BatchNorm2d as torch dispatches it (cuDNN "
+            f"({l2 / 2**20:.0f} MiB). {common} The CmBN kernels run three ways: CMBN_KERNEL_PATH=auto "
+            f"(CmBN, the launchers' choice), two_pass forced (2P) and single_read forced (SR; not timed "
+            f"where it does not fit and would run two_pass); the plan table gives each shape's plans. "
+            f"BatchNorm2d as torch dispatches it (cuDNN "
             f"{meta.get('cudnn_version')} or native). pure = the same layer in a subprocess with "
             f"CMBN_DISABLE_KERNELS=1. compiled = torch.compile(dynamic=True) of reference.forward "
             f"(+ reference.backward for fwd+bwd): the layer's math without its O(C) state update, one "
@@ -651,9 +685,13 @@ def run_gpu(args, results, settings, configs, save, device):
     meta = results["meta"]
     deadline = STARTED + args.budget_s
     stage_end = {name: STARTED + share * args.budget_s for name, share in STAGE_ENDS.items()}
+    plans = plan_configs(configs, device)
+    results["plans"] = plans
+    if any("error" in p for row in plans for p in row["plans"].values()):
+        meta["notes"].append("kernel plans: some could not be planned (see the plan table)")
     jobs = None if args.no_profile else []
-    run_configs(configs, ["cmbn", "batchnorm"], device, settings, stage_end["timing"], jobs,
-                results["records"].extend)
+    run_configs(configs, KERNEL_VARIANTS, device, settings, stage_end["timing"], jobs,
+                results["records"].extend, {(tuple(r["shape"]), r["dtype"]): r["plans"] for r in plans})
     save()  # a run stopped later still leaves the main table
     if not args.no_e2e:
         seconds = max(0.2, 0.3 * (stage_end["e2e"] - time.time()))
@@ -687,6 +725,15 @@ def run_gpu(args, results, settings, configs, save, device):
                 for r in records if r.get("compile_s") is not None]
     if compiles:
         meta["notes"].append("torch.compile times (not in the table): " + ", ".join(compiles))
+
+
+def plan_configs(configs, device):
+    """The kernel plans of every (shape, dtype) under each CMBN_KERNEL_PATH, with modeled traffic."""
+    rows = []
+    for shape, dtype_key in configs:
+        rows += traffic_model.collect_plans([shape], {dtype_key: DTYPES[dtype_key]}, device,
+                                            cmbn_ext.kernel_plan)
+    return rows
 
 
 def run(args):

@@ -5,7 +5,8 @@
 #   3. CmBN over a one-rank NCCL group against the layer alone (bench/nccl_case.py);
 #   4. compute-sanitizer memcheck and racecheck on a small case (bench/sanitizer_case.py);
 #   5. the host cost per call against BatchNorm2d (bench/host_overhead.py) and the benchmark
-#      (bench/benchmark.py), only when the kernels loaded.
+#      (bench/benchmark.py: the kernels on the auto path and on each forced path, and their launch
+#      plans with modeled traffic in its report), only when the kernels loaded.
 # A failing step does not stop the next ones. Every step, the Python probes included, runs under
 # `timeout`, and the whole check is held to a budget (default 420 s); the benchmark's share is kept
 # for it, so slow sanitizers cannot starve it.

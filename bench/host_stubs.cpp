@@ -37,7 +37,7 @@ Six forward(const Tensor& x, const std::optional<Tensor>&, const std::optional<T
 }
 
 void update_state(Tensor&, Tensor&, Tensor&, Tensor&, const std::optional<Tensor>&,
-                  const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, const Tensor&,
+                  const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
                   const Tensor&, const Tensor&, const Tensor&, std::string_view,
                   std::optional<int64_t>, std::optional<double>, bool) {}
 

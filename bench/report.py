@@ -11,6 +11,8 @@ import os
 import re
 import statistics
 
+import traffic_model
+
 # Bytes that must move per element of x: forward reads x and writes y; backward reads x and dy and
 # writes dx. A forward+backward row moves both.
 FLOOR_BYTES_PER_X_BYTE = {"fwd": 2, "fwd+bwd": 5}
@@ -20,10 +22,14 @@ GPU_TARGETS = {"vs_batchnorm": 0.8, "floor_share": 0.8, "vs_pure": 5.0}
 CPU_TARGETS = {"vs_batchnorm": 2.0}
 CPU_NAMED_SHAPES = ([8, 64, 56, 56], [2, 256, 28, 28])  # the CPU ratios the issue asks for by name
 
-SHORT = {"cmbn": "CmBN", "batchnorm": "BN", "pure": "pure", "compiled": "compiled",
+SHORT = {"cmbn": "CmBN", "cmbn_two_pass": "2P", "cmbn_single_read": "SR", "batchnorm": "BN",
+         "pure": "pure", "compiled": "compiled",
          "sample": "sample"}  # column titles; the legend under "Per shape" gives each variant's label
 RATIO_COLUMNS = {  # column title -> (numerator variant, denominator variant)
     "CmBN/BN": ("cmbn", "batchnorm"),
+    "2P/BN": ("cmbn_two_pass", "batchnorm"),
+    "SR/BN": ("cmbn_single_read", "batchnorm"),
+    "SR/2P": ("cmbn_single_read", "cmbn_two_pass"),
     "pure/CmBN": ("pure", "cmbn"),
     "compiled/CmBN": ("compiled", "cmbn"),
     "sample/BN": ("sample", "batchnorm"),
@@ -215,7 +221,7 @@ def markdown(results, rows, targets):
     lines += ["", "## Per shape", "", "Times are medians in ms per call; ratios are of those medians; "
               "floor share = memory-floor time / measured time."]
     ratio_titles = [t for t, (a, b) in RATIO_COLUMNS.items() if a in keys and b in keys]
-    floor_keys = [k for k in ("cmbn", "batchnorm") if k in keys]
+    floor_keys = [k for k in ("cmbn", "cmbn_two_pass", "cmbn_single_read", "batchnorm") if k in keys]
     header = (["shape", "dtype", "pass", "x MB"] + [f"{SHORT[k]} ms" for k in keys]
               + ratio_titles + ["floor ms"] + [f"{SHORT[k]} % floor" for k in floor_keys])
     with_launches = any(r.get("launches") is not None for r in results["records"])
@@ -248,6 +254,8 @@ def markdown(results, rows, targets):
             ratio = f"{r['median_ms'] / base:.2f}" if _finite(base) else "-"
             lines.append(f"| {label} | {_ms(r['median_ms'])} | {_ms(r['p25_ms'])}-{_ms(r['p75_ms'])} "
                          f"| {ratio} |")
+    if results.get("plans"):
+        lines += [""] + traffic_model.plan_markdown(results["plans"])
     errors = _error_notes(results)
     notes = list(meta.get("notes", []))
     if errors or notes:

@@ -144,9 +144,11 @@ def run_state_case(mode, window, channels, dtype):
         stats[1], stats[3] = stats[1].abs(), stats[3].abs()
         if step % 2:
             stats[0][0] = float("nan")
-        torch.ops.cmbn_ext.cmbn_update_state(*cuda_state, 6, *(t.cuda() for t in stats), mode, window,
+        torch.ops.cmbn_ext.cmbn_update_state(*cuda_state, torch.tensor(6, device="cuda"),
+                                             *(t.cuda() for t in stats), mode, window,
                                              None if mode != "ema" else 0.1)
-        window_state.update_state(*cpu_state, 6, *stats, mode, window, None if mode != "ema" else 0.1)
+        window_state.update_state(*cpu_state, torch.tensor(6), *stats, mode, window,
+                                  None if mode != "ema" else 0.1)
         worst = max(worst, *(largest_difference(got, want) for got, want in zip(cuda_state, cpu_state)))
     torch.cuda.synchronize()
     return worst

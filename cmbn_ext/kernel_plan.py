@@ -1,8 +1,9 @@
 """What the CUDA kernels launch for an input: ``kernel_plan(x)`` for ``cmbn_forward``,
 ``kernel_plan(x, backward=True)`` for ``cmbn_backward``.
 
-The fused ops take one of two paths (``CMBN_KERNEL_PATH`` = ``auto``, the default, ``two_pass`` or
-``single_read`` forces one; it is read at every call):
+The fused ops take one of two paths, as ``CMBN_KERNEL_PATH`` (read at every call) asks: ``two_pass``
+never takes the single read, ``single_read`` takes it wherever it fits, and ``auto`` (the default)
+does the same today:
 
 - ``single_read``: each thread holds its share of x (and grad_y) in registers from the reduction to
   the output, so the op reads its inputs once; one launch, cooperative (a grid barrier) when a channel
@@ -27,8 +28,8 @@ def kernel_plan(x, backward=False):
     Returns a dict: ``path`` ("two_pass" or "single_read"), ``grid`` (channel groups, blocks per
     group), ``block_threads``, ``launches``, ``bytes_held`` (input bytes held on chip; 0 for two_pass),
     ``pack`` (values per 16-byte pack, or 1), ``layout`` ("planes": contiguous (N, C, *); "rows":
-    channels innermost; "planes_masked": planes whose size is not a multiple of the pack, walked in
-    aligned packs masked at each plane's ends), ``co_resident_blocks`` (blocks the GPU holds at once, the bound of a
+    channels innermost; "planes_masked": planes whose size is not a multiple of the pack, walked
+    in aligned packs masked at each plane's ends), ``co_resident_blocks`` (blocks the GPU holds at once, the bound of a
     cooperative grid) and ``cooperative``.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:

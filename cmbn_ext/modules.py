@@ -10,9 +10,11 @@ A training forward is one op, ``cmbn_train_forward``: the normalization and the 
 with its autograd in C++ when the extension is built. The Python forward around it does no more per call
 than BatchNorm's (options are checked when set, buffers read from the module's dicts), and nothing
 branches in Python on a tensor's value, so a model that contains the layer compiles with
-``torch.compile(fullgraph=True)`` (without a ``process_group``: the distributed path reads the group's
-count on the host). A forward that activation checkpointing recomputes runs ``cmbn_forward`` through
-``CrossMiniBatchNormFunction``, without touching the state a second time.
+``torch.compile(fullgraph=True)`` (a layer without a ``process_group``). The distributed path reads
+no tensor on the host either: the group's count stays on the device through the state update, and the
+ranks' window positions are compared on the device and checked at ``end_window()``. A forward that
+activation checkpointing recomputes runs ``cmbn_forward`` through ``CrossMiniBatchNormFunction``,
+without touching the state a second time.
 """
 import math
 import numbers
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .ops import CrossMiniBatchNormFunction, normalization_history
-from .distributed import GroupCrossMiniBatchNorm, check_group_matches
+from .distributed import GroupCrossMiniBatchNorm, WindowAgreement, check_group_matches
 from .reference import channel_view, values_per_channel
 from .window_state import commit_window
 
@@ -117,6 +119,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
             the layer may be built before ``init_process_group``); ``None`` (default) keeps each
             process alone. ``torch.distributed.group.WORLD`` is ``None`` until the process group is
             initialized: passed before then, it silently means "alone", which ``"world"`` avoids.
+            Ranks whose windows disagree (another number of training forwards, ``end_window()`` or
+            ``reset_window()`` calls) make the next ``end_window()`` raise.
         running_stats: ``"window"`` (default) commits each window's pooled statistics to the running
             statistics once, when it ends; ``"micro_batch"`` (cumulative and deferred modes) updates
             them after every micro-batch from the pooled statistics of the window so far, as Darknet's
@@ -149,6 +153,7 @@ class _CrossMiniBatchNorm(_BatchNorm):
         self._every_micro_batch = running_stats == "micro_batch"  # the ops' flag, read per call
         self.process_group = process_group
         self._checkpoint_history = None  # see _history_for
+        self._window_agreement = WindowAgreement()  # checked at end_window()
         self._open_micro_batches = 0  # host-side count toward LONG_WINDOW (window=None)
         slots = window - 1 if mode == "sliding" else 1
         history = {"device": device, "dtype": _history_dtype(dtype or torch.get_default_dtype())}
@@ -273,13 +278,15 @@ class _CrossMiniBatchNorm(_BatchNorm):
         it, an empty micro-batch included: it takes part in the collectives."""
         check_group_matches(group, x)
         history = self._normalization_history(history)
-        y, mean, var, batch_mean, batch_var, count = GroupCrossMiniBatchNorm.apply(
+        y, mean, var, batch_mean, batch_var, count, positions = GroupCrossMiniBatchNorm.apply(
             x, self.weight, self.bias, *history, self.eps, self._ema_momentum(), self.grad == "exact",
             group, self.window_step)
-        count = int(count)
-        if count == 1:
+        self._window_agreement.record(positions)
+        # The group's count is 1 only where every rank has at most one value per channel: only then
+        # is it read on the host (every rank reads it, so every rank raises alike).
+        if values_per_channel(x) <= 1 and int(count) == 1:
             self._check_more_than_one_value(x, history[0])
-        if count and not recomputed:
+        if not recomputed:  # the count stays on the device: 0 (every rank empty) changes nothing
             with torch.no_grad():
                 self._update_state(count, mean, var, batch_mean, batch_var)
         return y
@@ -366,7 +373,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
 
     # ------------------------------------------------------------------------------------------- state
     def _update_state(self, m, mean, var, batch_mean, batch_var):
-        """Fold the micro-batch into the window and the running statistics (``window_state.py``)."""
+        """Fold the micro-batch into the window and the running statistics (``window_state.py``);
+        ``m``, its count per channel, a 0-dim int64 tensor."""
         torch.ops.cmbn_ext.cmbn_update_state(
             self.window_count, self.window_mean, self.window_var, self.window_step,
             *self._tracked_running_stats(), m, mean, var, batch_mean, batch_var, self.mode,
@@ -391,8 +399,15 @@ class _CrossMiniBatchNorm(_BatchNorm):
 
         Only cumulative and deferred modes have windows to commit; an empty window commits nothing.
         With ``running_stats="micro_batch"`` the window is in the running statistics already: it is
-        only emptied. In sliding and EMA modes this does nothing.
+        only emptied. In sliding and EMA modes this does nothing to the state.
+
+        With a ``process_group``, this is where the ranks' window positions are checked (in every
+        mode): the training forwards compare them on the device without waiting for the result, and
+        a ``RuntimeError`` here says that the ranks disagreed at one of them since the last
+        ``end_window()``, before anything is committed. ``reset_window()`` on every rank clears it.
         """
+        self._window_agreement.check(type(self).__name__)
+        self._window_agreement.reset()
         if self._mode in WINDOWED_MODES:
             if self._every_micro_batch:
                 for name in WINDOW_BUFFERS:
@@ -417,6 +432,7 @@ class _CrossMiniBatchNorm(_BatchNorm):
             getattr(self, name).zero_()
         self._open_micro_batches = 0
         self._checkpoint_history = None
+        self._window_agreement.reset()
 
     def reset_running_stats(self):
         """BatchNorm's, and the window emptied: after ``to_empty()`` (FSDP, loaders that build on the

@@ -51,7 +51,7 @@ _lib.define(
 _lib.define(
     "cmbn_update_state(Tensor(a!) window_count, Tensor(b!) window_mean, Tensor(c!) window_var, "
     "Tensor(d!) window_step, Tensor(e!)? running_mean, Tensor(f!)? running_var, "
-    "Tensor(g!)? num_batches_tracked, SymInt m, Tensor mean, Tensor var, Tensor batch_mean, "
+    "Tensor(g!)? num_batches_tracked, Tensor m, Tensor mean, Tensor var, Tensor batch_mean, "
     "Tensor batch_var, str layer_mode, int? window, float? momentum, "
     "bool every_micro_batch=False) -> ()"
 )
@@ -63,6 +63,9 @@ _lib.define(
     "bool every_micro_batch=False) "
     "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"
 )
+
+# What cmbn_forward (backward=False) or cmbn_backward launches for x: kernel_plan.py reads the integers.
+_lib.define("cmbn_kernel_plan(Tensor x, bool backward) -> int[]")
 
 
 def _load_kernels():
@@ -115,8 +118,8 @@ def _reference_train_forward(x, weight, bias, window_count, window_mean, window_
     m = reference.values_per_channel(x)
     if m:  # an empty micro-batch leaves the state as it is
         window_state.update_state(window_count, window_mean, window_var, window_step, running_mean,
-                                  running_var, num_batches_tracked, m, *outputs[1:5], layer_mode,
-                                  window, momentum, every_micro_batch)
+                                  running_var, num_batches_tracked, window_step.new_full((), m),
+                                  *outputs[1:5], layer_mode, window, momentum, every_micro_batch)
     return outputs
 
 
@@ -255,9 +258,9 @@ def _train_forward_autograd(x, weight, bias, window_count, window_mean, window_v
     if m:
         with torch.no_grad():
             torch.ops.cmbn_ext.cmbn_update_state(window_count, window_mean, window_var, window_step,
-                                                 running_mean, running_var, num_batches_tracked, m,
-                                                 *outputs[1:5], layer_mode, window, momentum,
-                                                 every_micro_batch)
+                                                 running_mean, running_var, num_batches_tracked,
+                                                 window_step.new_full((), m), *outputs[1:5],
+                                                 layer_mode, window, momentum, every_micro_batch)
     return outputs
 
 

@@ -75,9 +75,11 @@ def current_weight(history_count, m, ema_momentum, dtype):
 
     Count-weighted ``m / (n_h + m)`` when ``ema_momentum`` is None, else ``ema_momentum``; always 1 when
     there is no history. The ratio is taken in fp64 because counts may exceed what fp32 holds exactly.
+    ``m`` is an int or a 0-dim int64 tensor (the group's count, or the state update's); the ratio is
+    written as torch evaluates ``int / tensor`` (a reciprocal, then a product), so both give one result.
     """
     if ema_momentum is None:
-        b = m / (history_count + m).to(torch.float64)
+        b = (history_count + m).to(torch.float64).reciprocal() * m
     else:
         b = torch.where(history_count > 0,
                         torch.full(history_count.shape, ema_momentum, dtype=torch.float64,

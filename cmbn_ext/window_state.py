@@ -11,8 +11,10 @@ The reference for ``torch.ops.cmbn_ext.cmbn_update_state``, which updates the bu
 - ``running_mean``, ``running_var``, ``num_batches_tracked``: BatchNorm's, or None.
 
 Every decision is a tensor operation (``torch.where``), never a Python branch on a tensor's value: on
-CUDA without the kernels it runs with no host synchronization, and it decides as the kernel does. A
-channel whose statistics are not finite enters no state.
+CUDA without the kernels it runs with no host synchronization, and it decides as the kernel does. The
+micro-batch's count ``m`` is a tensor too, so that the group's count of the distributed path never
+goes through the host; a count of 0 leaves the state as it is. A channel whose statistics are not
+finite enters no state.
 """
 import torch
 
@@ -50,17 +52,35 @@ def merge_micro_batch(window_count, window_mean, window_var, m, batch_mean, batc
                           batch_var.to(dtype), b)
 
 
+def check_count(m, window_count):
+    """``m`` as the op takes it: a 0-dim int64 tensor on the state's device or on the CPU."""
+    if not isinstance(m, torch.Tensor):
+        raise RuntimeError(f"cmbn_update_state: m must be a 0-dim int64 tensor, got {type(m).__name__}")
+    if m.dtype != torch.int64 or m.dim() != 0:
+        raise RuntimeError(f"cmbn_update_state: m must be a 0-dim int64 tensor, got one of dtype "
+                           f"{m.dtype} and shape {tuple(m.shape)}")
+    if m.device != window_count.device and m.device.type != "cpu":
+        raise RuntimeError(f"cmbn_update_state: m is on {m.device} but window_count is on "
+                           f"{window_count.device}")
+
+
 def update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
                  num_batches_tracked, m, mean, var, batch_mean, batch_var, mode, window, momentum,
                  every_micro_batch=False):
     """Fold one micro-batch into the window and the running statistics, in place.
 
-    ``m`` is the micro-batch's count per channel; ``mean``/``var`` the pooled statistics it was
-    normalized with; ``batch_mean``/``batch_var`` its own. ``window`` is the window length of
-    cumulative and deferred modes (None: until ``end_window()``), ``momentum`` the layer's.
-    ``every_micro_batch`` (cumulative and deferred): the running statistics take the window's pooled
-    statistics after every micro-batch, as Darknet's CmBN does, and a full window ends without a commit.
+    ``m`` is the micro-batch's count per channel, a 0-dim int64 tensor (across processes the group's,
+    which stays on the device); ``m <= 0`` (an empty micro-batch) leaves every buffer as it is.
+    ``mean``/``var`` are the pooled statistics it was normalized with; ``batch_mean``/``batch_var`` its
+    own. ``window`` is the window length of cumulative and deferred modes (None: until
+    ``end_window()``), ``momentum`` the layer's. ``every_micro_batch`` (cumulative and deferred): the
+    running statistics take the window's pooled statistics after every micro-batch, as Darknet's CmBN
+    does, and a full window ends without a commit.
     """
+    check_count(m, window_count)
+    if m.device != window_count.device:  # a caller's CPU scalar: the state's device decides
+        m = m.to(window_count.device)
+    active = m > 0  # decided on the device: the host never reads m
     finite = torch.isfinite(torch.stack([mean, var, batch_mean, batch_var])).all(0)
     pooled_count = window_count.sum(0) + m
     if mode == "sliding":
@@ -68,30 +88,31 @@ def update_state(window_count, window_mean, window_var, window_step, running_mea
         if slots:  # the micro-batch's own statistics replace the oldest slot
             slot = (window_step % slots).view(1)
             for buffer, value in ((window_count, m), (window_mean, batch_mean), (window_var, batch_var)):
-                buffer.index_copy_(0, slot, torch.where(finite, value, 0).to(buffer.dtype).unsqueeze(0))
-        window_step.add_(1)
-        update_running(running_mean, running_var, num_batches_tracked,
-                       torch.ones((), dtype=torch.bool, device=finite.device),
-                       finite, pooled_count, mean, var, momentum)
+                new = torch.where(finite, value, 0).to(buffer.dtype)
+                buffer.index_copy_(0, slot, torch.where(active, new, buffer.index_select(0, slot)[0])
+                                   .unsqueeze(0))
+        window_step.add_(active.to(torch.long))
+        update_running(running_mean, running_var, num_batches_tracked, active, finite, pooled_count,
+                       mean, var, momentum)
         return
     if mode == "deferred":  # the micro-batch was normalized alone; the window pools it
         mean, var = merge_micro_batch(window_count, window_mean, window_var, m, batch_mean, batch_var)
-    count = torch.where(finite, pooled_count, window_count[0])
-    mean = torch.where(finite, mean, window_mean[0])
-    var = torch.where(finite, var, window_var[0])
-    window_step.add_(1)
+    enters = finite & active
+    count = torch.where(enters, pooled_count, window_count[0])
+    mean = torch.where(enters, mean, window_mean[0])
+    var = torch.where(enters, var, window_var[0])
+    window_step.add_(active.to(torch.long))
     if mode == "ema":  # the running statistics are the pooled ones themselves
         if running_mean is not None:
-            num_batches_tracked.add_(1)
-            running_mean.copy_(torch.where(finite, mean, running_mean))
-            running_var.copy_(torch.where(finite, var, running_var))
+            num_batches_tracked.add_(active.to(torch.long))
+            running_mean.copy_(torch.where(enters, mean, running_mean))
+            running_var.copy_(torch.where(enters, var, running_var))
     else:
         if every_micro_batch:  # Darknet: the running statistics take the window so far, every time
-            update_running(running_mean, running_var, num_batches_tracked,
-                           torch.ones((), dtype=torch.bool, device=finite.device), finite, count,
+            update_running(running_mean, running_var, num_batches_tracked, active, finite, count,
                            mean, var, momentum)
         if window is not None:  # the window ends after its window-th micro-batch
-            full = window_step >= window
+            full = active & (window_step >= window)
             if not every_micro_batch:  # and is committed
                 update_running(running_mean, running_var, num_batches_tracked, full,
                                torch.ones_like(finite), count, mean, var, momentum)

@@ -5,6 +5,9 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <vector>
+
+#include "kernel_types.h"
 
 namespace cmbn {
 
@@ -45,16 +48,28 @@ at::Tensor cmbn_backward_dx_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& count, double eps, bool exact_grad);
 
 // cmbn_ext::cmbn_update_state: the window and running statistics, in place (one launch).
-// every_micro_batch: cumulative and deferred modes update the running statistics after every
-// micro-batch from the pooled statistics (Darknet's CmBN) instead of once per window.
+// m: the micro-batch's count, a 0-dim int64 tensor on the state's device (the kernel reads it there)
+// or on the CPU; a count of 0 changes nothing. every_micro_batch: cumulative and deferred modes update
+// the running statistics after every micro-batch from the pooled statistics (Darknet's CmBN) instead
+// of once per window.
 void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
                             at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
                             const std::optional<at::Tensor>& running_var,
-                            const std::optional<at::Tensor>& num_batches_tracked, int64_t m,
+                            const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& m,
                             const at::Tensor& mean, const at::Tensor& var,
                             const at::Tensor& batch_mean, const at::Tensor& batch_var,
                             std::string_view layer_mode, std::optional<int64_t> window,
                             std::optional<double> momentum, bool every_micro_batch);
+
+// The same with m known on the host (cmbn_train_forward's, from x's shape): a kernel argument.
+void cmbn_update_state_host_count_cuda(
+    at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
+    at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, int64_t m, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& batch_mean, const at::Tensor& batch_var,
+    std::string_view layer_mode, std::optional<int64_t> window, std::optional<double> momentum,
+    bool every_micro_batch);
 
 // cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics (deferred mode
 // normalizes with no history).
@@ -68,5 +83,12 @@ cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& we
                         std::optional<double> ema_momentum, bool exact_grad,
                         std::string_view layer_mode, std::optional<int64_t> window,
                         std::optional<double> momentum, bool every_micro_batch);
+
+// What cmbn_forward / cmbn_backward launch for x (the same planning code as their launchers).
+LaunchPlan cmbn_forward_plan(const at::Tensor& x);
+LaunchPlan cmbn_backward_plan(const at::Tensor& x);
+
+// cmbn_ext::cmbn_kernel_plan: that plan as integers (cmbn_ext/kernel_plan.py names them).
+std::vector<int64_t> cmbn_kernel_plan_cuda(const at::Tensor& x, bool backward);
 
 }  // namespace cmbn

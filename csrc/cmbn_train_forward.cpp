@@ -23,9 +23,11 @@ cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& we
   const int64_t m = channels ? x.numel() / channels : 0;
   if (m > 0) {  // an empty micro-batch leaves the state as it is
     const auto& [y, mean, var, batch_mean, batch_var, b] = outputs;
-    cmbn_update_state_cuda(window_count, window_mean, window_var, window_step, running_mean,
-                           running_var, num_batches_tracked, m, mean, var, batch_mean, batch_var,
-                           layer_mode, window, momentum, every_micro_batch);
+    // m from the shape is a kernel argument: no count tensor to make or copy per call.
+    cmbn_update_state_host_count_cuda(window_count, window_mean, window_var, window_step,
+                                      running_mean, running_var, num_batches_tracked, m, mean, var,
+                                      batch_mean, batch_var, layer_mode, window, momentum,
+                                      every_micro_batch);
   }
   return outputs;
 }

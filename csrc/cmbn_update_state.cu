@@ -2,7 +2,9 @@
 // SPEC sections 5 and 6) in one launch of one block. Threads loop over the channels; the scalars
 // window_step and num_batches_tracked are read by every thread at the start and written once, by
 // thread 0 after a __syncthreads, so every channel sees their old values and the host never reads
-// them. A block of up to 512 threads covers a few thousand channels in a handful of iterations.
+// them. The count m is read on the device too when it lives there (the distributed path's group
+// count): a count of 0 leaves the state as it is, decided by the kernel. A block of up to 512 threads
+// covers a few thousand channels in a handful of iterations.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -40,7 +42,8 @@ struct StateArgs {
   const stats_t* batch_var;
   int64_t channels;  // C
   int64_t slots;     // S
-  int64_t m;         // the micro-batch's values per channel
+  const int64_t* m_device;  // the micro-batch's values per channel, on the device; or null and
+  int64_t m_host;           // then this value, known on the host
   StateMode mode;
   bool has_window;  // cumulative: commit after `window` micro-batches
   int64_t window;
@@ -120,7 +123,9 @@ __device__ __forceinline__ bool is_finite(T value) {
 template <typename value_t>
 __device__ void merge_micro_batch(int64_t count, value_t& mean, value_t& var, int64_t m,
                                   value_t batch_mean, value_t batch_var) {
-  const value_t b = static_cast<value_t>(static_cast<double>(m) / static_cast<double>(count + m));
+  // b = m / (count + m) as reference.current_weight takes it: a reciprocal, then a product, in fp64.
+  const value_t b = static_cast<value_t>(
+      mul_rn(1.0 / static_cast<double>(count + m), static_cast<double>(m)));
   const value_t a = sub_rn(value_t(1), b);
   const value_t merged_mean = add_rn(mul_rn(a, mean), mul_rn(b, batch_mean));
   const value_t delta_a = sub_rn(mean, merged_mean);
@@ -135,6 +140,10 @@ __device__ void merge_micro_batch(int64_t count, value_t& mean, value_t& var, in
 // sliding mode uses stats_t). compute_t: value_t promoted with the running statistics' dtype.
 template <typename stats_t, typename value_t, typename compute_t>
 __global__ void __launch_bounds__(kStateThreads) update_state_kernel(const StateArgs<stats_t> args) {
+  // The count, the same for every thread: an empty micro-batch (m <= 0) changes nothing, and the
+  // whole block returns before the barrier together.
+  const int64_t m = args.m_device != nullptr ? *args.m_device : args.m_host;
+  if (m <= 0) return;
   // The old scalars, read by every thread before thread 0 writes the new ones (after the barrier).
   const int64_t step = *args.window_step;
   const bool tracking = args.num_batches_tracked != nullptr;
@@ -173,12 +182,12 @@ __global__ void __launch_bounds__(kStateThreads) update_state_kernel(const State
         is_finite(mean) && is_finite(var) && is_finite(batch_mean) && is_finite(batch_var);
     int64_t window_total = 0;
     for (int64_t s = 0; s < args.slots; ++s) window_total += args.window_count[s * channels + c];
-    const int64_t pooled_count = window_total + args.m;
+    const int64_t pooled_count = window_total + m;
 
     if (sliding) {
       if (ring_slot >= 0) {
         const int64_t i = ring_slot * channels + c;
-        args.window_count[i] = finite ? args.m : 0;
+        args.window_count[i] = finite ? m : 0;
         store_any_float(args.window_mean, i, finite ? batch_mean : stats_t(0));
         store_any_float(args.window_var, i, finite ? batch_var : stats_t(0));
       }
@@ -198,7 +207,7 @@ __global__ void __launch_bounds__(kStateThreads) update_state_kernel(const State
       pooled_var = load_any_float<value_t>(args.window_var, c, value_t(0));
     }
     if (finite && deferred) {  // normalized alone: the window pools the micro-batch's own statistics
-      merge_micro_batch<value_t>(args.window_count[c], pooled_mean, pooled_var, args.m,
+      merge_micro_batch<value_t>(args.window_count[c], pooled_mean, pooled_var, m,
                                  static_cast<value_t>(batch_mean), static_cast<value_t>(batch_var));
     }
     if (ema) {
@@ -281,16 +290,16 @@ void launch_update_state(const StateArgs<stats_t>& args) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
-                            at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var,
-                            const std::optional<at::Tensor>& num_batches_tracked, int64_t m,
-                            const at::Tensor& mean, const at::Tensor& var,
-                            const at::Tensor& batch_mean, const at::Tensor& batch_var,
-                            std::string_view layer_mode, std::optional<int64_t> window,
-                            std::optional<double> momentum, bool every_micro_batch) {
+// The launcher behind both entry points: m on the device (m_device, a 0-dim int64 tensor there) or,
+// when m_device is undefined, m_host.
+void update_state(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
+                  at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
+                  const std::optional<at::Tensor>& running_var,
+                  const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& m_device,
+                  int64_t m_host, const at::Tensor& mean, const at::Tensor& var,
+                  const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                  std::string_view layer_mode, std::optional<int64_t> window,
+                  std::optional<double> momentum, bool every_micro_batch) {
   const StateMode mode = parse_mode(layer_mode);
   TORCH_CHECK(window_count.is_cuda(), kOp, ": window_count must be a CUDA tensor, got one on ",
               window_count.device());
@@ -302,7 +311,11 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
   const int64_t channels = window_count.size(1);
   TORCH_CHECK(mode == StateMode::kSliding || slots >= 1, kOp, ": mode '", std::string(layer_mode),
               "' keeps its window in slot 0, but window_count has no slot");
-  TORCH_CHECK(m >= 0, kOp, ": m must be >= 0, got ", m);
+  if (m_device.defined()) {
+    check_on_device(m_device, "m", window_count);
+  } else {
+    TORCH_CHECK(m_host >= 0, kOp, ": m must be >= 0, got ", m_host);
+  }
   check_float(window_mean, "window_mean", window_count, window_count.sizes());
   check_float(window_var, "window_var", window_count, window_count.sizes());
   TORCH_CHECK(window_var.scalar_type() == window_mean.scalar_type(), kOp,
@@ -329,6 +342,7 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
   check_float(batch_mean, "batch_mean", window_count, {channels});
   check_float(batch_var, "batch_var", window_count, {channels});
   const c10::cuda::CUDAGuard device_guard(window_count.device());
+  if (!m_device.defined() && m_host == 0) return;  // an empty micro-batch, known on the host
 
   // The statistics in fp64 if any is fp64, else fp32 (the ops return them so: no copy).
   const bool stats_double = mean.scalar_type() == at::kDouble || var.scalar_type() == at::kDouble ||
@@ -370,7 +384,8 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
     args.batch_var = batch_var_c.const_data_ptr<stats_t>();
     args.channels = channels;
     args.slots = slots;
-    args.m = m;
+    args.m_device = m_device.defined() ? m_device.const_data_ptr<int64_t>() : nullptr;
+    args.m_host = m_host;
     args.mode = mode;
     args.has_window = window.has_value();
     args.window = window.value_or(0);
@@ -378,7 +393,7 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
     args.momentum = momentum.value_or(0.0);
     args.every_micro_batch = every_micro_batch;
   };
-  // Launched even for C == 0: the scalars still advance.
+  // Launched even for C == 0: the scalars still advance (unless m is 0).
   if (stats_double) {
     StateArgs<double> args{};
     fill(args);
@@ -404,6 +419,46 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
     write_back(*running_var, running_var_w);
     write_back(*num_batches_tracked, tracked_w);
   }
+}
+
+}  // namespace
+
+void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
+                            at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& num_batches_tracked, const at::Tensor& m,
+                            const at::Tensor& mean, const at::Tensor& var,
+                            const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                            std::string_view layer_mode, std::optional<int64_t> window,
+                            std::optional<double> momentum, bool every_micro_batch) {
+  TORCH_CHECK(m.scalar_type() == at::kLong, kOp, ": m must be int64, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 0, kOp, ": m must be a 0-dim tensor, got shape ", m.sizes());
+  if (m.is_cuda()) {  // the kernel reads it: the host never waits for the count
+    update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
+                 num_batches_tracked, m, 0, mean, var, batch_mean, batch_var, layer_mode, window,
+                 momentum, every_micro_batch);
+    return;
+  }
+  // A count on the CPU (a caller's scalar) is read here, where it is: copying it to the device
+  // would be a blocking copy (and none that a CUDA graph can capture).
+  TORCH_CHECK(m.device().is_cpu(), kOp, ": m is on ", m.device(), " but window_count is on ",
+              window_count.device());
+  update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
+               num_batches_tracked, at::Tensor(), *m.const_data_ptr<int64_t>(), mean, var, batch_mean,
+               batch_var, layer_mode, window, momentum, every_micro_batch);
+}
+
+void cmbn_update_state_host_count_cuda(
+    at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
+    at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, int64_t m, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& batch_mean, const at::Tensor& batch_var,
+    std::string_view layer_mode, std::optional<int64_t> window, std::optional<double> momentum,
+    bool every_micro_batch) {
+  update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
+               num_batches_tracked, at::Tensor(), m, mean, var, batch_mean, batch_var, layer_mode,
+               window, momentum, every_micro_batch);
 }
 
 }  // namespace cmbn

@@ -1,7 +1,8 @@
 """Smoke tests of the benchmark (bench/): the CPU section on tiny shapes with very few runs writes its
 JSON and markdown with finite numbers and the expected rows; the report builds its tables and targets
 from made-up GPU numbers; the GPU stages and the pure-PyTorch subprocess run on the CPU; profiler
-kernels are attributed to their windows. Timing never decides pass or fail here.
+kernels are attributed to their windows; the traffic model against its closed forms and the plan
+table from stand-in plans. Timing never decides pass or fail here.
 """
 import json
 import math
@@ -18,6 +19,7 @@ sys.path.insert(0, BENCH)  # bench/ holds scripts, not a package
 import benchmark  # noqa: E402
 import report  # noqa: E402
 import timing  # noqa: E402
+import traffic_model  # noqa: E402
 
 TINY_SHAPES = [[2, 8, 6, 6], [2, 4, 5, 5]]
 
@@ -125,9 +127,13 @@ def test_gpu_stages_run_on_the_cpu(tmp_path):
                       lambda: report.write(results, str(tmp_path)), torch.device("cpu"))
     measured = {(r["dtype"], r["pass"], r["variant"]) for r in results["records"] if not r.get("error")}
     assert measured == {(d, p, v) for d in ("fp16-cl", "fp32") for p in ("fwd", "fwd+bwd")
-                        for v in ("cmbn", "batchnorm", "pure")}
+                        for v in ("cmbn", "cmbn_two_pass", "cmbn_single_read", "batchnorm", "pure")}
+    # One plan row per configuration; on plain CPU tensors the planner answers with an error.
+    assert [(r["shape"], r["dtype"]) for r in results["plans"]] == [([2, 4, 5, 5], "fp16-cl"),
+                                                                     ([2, 4, 5, 5], "fp32")]
     text = report.write(results, str(tmp_path))[2]
-    assert "| (2, 4, 5, 5) | fp16-cl | fwd+bwd |" in text and "pure/CmBN" in text
+    assert "| (2, 4, 5, 5) | fp16-cl | fwd+bwd |" in text and "pure/CmBN" in text and "SR/2P" in text
+    assert "## Kernel plans and modeled DRAM traffic (model)" in text
 
 
 def test_parse_args():
@@ -210,3 +216,83 @@ def test_results_stem():
     assert report.results_stem("Intel(R) Xeon(R) Platinum 8480C CPU @ 2.0GHz", "cpu") == \
         "cpu-intel-xeon-platinum-8480c"
     assert report.results_stem("NVIDIA H200", "cuda") == "nvidia-h200"
+
+
+# ------------------------------------------------------------------------------------ traffic model
+def _plan(path, splits, groups=16):
+    """A stand-in for cmbn_ext.kernel_plan's dict (the model reads its path and grid)."""
+    return {"path": path, "grid": (groups, splits), "block_threads": 256,
+            "launches": 1 if path == "single_read" or splits == 1 else 2, "bytes_held": 0, "pack": 8,
+            "layout": "rows", "co_resident_blocks": 264, "cooperative": splits > 1}
+
+
+def test_traffic_model_closed_forms():
+    shape = (8, 32, 512, 512)  # 2^26 values: the per-channel vectors are negligible beside x
+    fwd_two = traffic_model.traffic(_plan("two_pass", 1), shape, 2, backward=False)
+    bwd_two = traffic_model.traffic(_plan("two_pass", 1), shape, 2, backward=True)
+    fwd_one = traffic_model.traffic(_plan("single_read", 1), shape, 2, backward=False)
+    bwd_one = traffic_model.traffic(_plan("single_read", 1), shape, 2, backward=True)
+    x = 2 ** 26 * 2
+    assert fwd_two["x_bytes"] == x and fwd_two["workspace_bytes"] == 0
+    assert fwd_two["over_floor"] == pytest.approx(1.5, rel=1e-5)        # 3|x| / 2|x|
+    assert bwd_two["over_floor"] == pytest.approx(5 / 3, rel=1e-5)      # 5|x| / 3|x|
+    assert fwd_one["over_floor"] == 1.0 and bwd_one["over_floor"] == 1.0
+    # The vectors, by hand, fp32 statistics: forward reads weight and bias (4 + 4), one history slot
+    # (8 + 4 + 4) and writes five statistics (20): 44 bytes a channel; backward reads weight (4) and
+    # five statistics (20) and writes two gradients (8): 32.
+    assert fwd_two["floor_bytes"] == 2 * x + 32 * 44 and bwd_two["floor_bytes"] == 3 * x + 32 * 32
+    assert fwd_two["modeled_bytes"] == 3 * x + 32 * 44 and bwd_two["modeled_bytes"] == 5 * x + 32 * 32
+
+
+def test_traffic_model_workspace():
+    shape = (8, 32, 56, 56)
+    # 8 splits: one (count int64, mean, M2) per channel and split forward, (sum dy, sum dy*xc)
+    # backward, written once and read back once.
+    fwd = traffic_model.traffic(_plan("single_read", 8), shape, 4, backward=False)
+    bwd = traffic_model.traffic(_plan("two_pass", 8), shape, 4, backward=True)
+    assert fwd["workspace_bytes"] == 2 * 32 * 8 * (8 + 4 + 4)
+    assert fwd["modeled_bytes"] - fwd["floor_bytes"] == 2 * 32 * 8 * 16
+    assert bwd["workspace_bytes"] == 2 * 32 * 8 * (4 + 4)
+    double = traffic_model.traffic(_plan("two_pass", 8), shape, 8, backward=False, acc_bytes=8)
+    assert double["workspace_bytes"] == 2 * 32 * 8 * (8 + 8 + 8)
+
+
+def test_plan_table_from_stand_in_plans():
+    """collect_plans sets CMBN_KERNEL_PATH around each plan and restores it; the table shows each
+    setting's path, launches and modeled bytes over the floor."""
+    seen = []
+
+    def kernel_plan(x, backward=False):
+        setting = os.environ.get("CMBN_KERNEL_PATH")
+        seen.append((setting, backward))
+        fits = x.shape[0] <= 4  # a stand-in rule: the small batch fits on chip
+        single = setting in ("auto", "single_read") and fits
+        plan = _plan("single_read" if single else "two_pass", 1 if x.shape[0] <= 4 else 4)
+        return dict(plan, layout="planes" if x.is_contiguous() else "rows")
+
+    os.environ.pop("CMBN_KERNEL_PATH", None)
+    rows = traffic_model.collect_plans([(4, 16, 64, 64), (8, 16, 64, 64)], {"fp32": benchmark.DTYPES["fp32"]},
+                                       "cpu", kernel_plan)
+    assert "CMBN_KERNEL_PATH" not in os.environ
+    assert seen[:6] == [("auto", False), ("auto", True), ("two_pass", False), ("two_pass", True),
+                        ("single_read", False), ("single_read", True)]
+    text = "\n".join(traffic_model.plan_markdown(rows))
+    # (4, 16, 64, 64) fp32: |x| = 1 MiB beside 16 channels of vectors: 1.50 and 1.67 to two decimals.
+    assert ("| (4, 16, 64, 64) | fp32 | planes, 8 | 16 x 1 | 264 | 0.0/0.0 | SR 1 1.00 | SR 1 1.00 | "
+            "2P 1 1.50 | 2P 1 1.67 | SR 1 1.00 | SR 1 1.00 |") in text
+    # (8, 16, 64, 64): nothing fits, and 4 splits take two launches with a workspace.
+    assert "| (8, 16, 64, 64) | fp32 | planes, 8 | 16 x 4 | 264 | 0.0/0.0 | 2P 2 1.50 | 2P 2 1.67 |" in text
+    assert "**model**" in text
+
+
+def test_a_forced_path_that_falls_back_is_not_timed():
+    plans = {"single_read/fwd": {"path": "two_pass"}, "single_read/bwd": {"path": "single_read"}}
+    assert benchmark.forced_path_not_taken(plans, "cmbn_single_read", "fwd").startswith("skipped")
+    assert benchmark.forced_path_not_taken(plans, "cmbn_single_read", "fwd+bwd") is None
+    assert benchmark.forced_path_not_taken(plans, "cmbn_two_pass", "fwd") is None
+    assert benchmark.forced_path_not_taken(None, "cmbn_single_read", "fwd") is None
+    records = benchmark.measure_config((2, 4, 5, 5), "fp32", ["cmbn_single_read"], torch.device("cpu"),
+                                       benchmark.SETTINGS["quick"], 5.0, None, plans)
+    by_pass = {r["pass"]: r for r in records}
+    assert by_pass["fwd"]["error"].startswith("skipped") and "median_ms" not in by_pass["fwd"]
+    assert by_pass["fwd+bwd"].get("error") is None and _finite(by_pass["fwd+bwd"]["median_ms"])

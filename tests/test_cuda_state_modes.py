@@ -40,9 +40,11 @@ def test_update_state_matches_reference(mode_name, dtype_name, momentum, trackin
     kernel_state = to_device(cpu_state)
     for i, m in enumerate([5, 1, 12, 2, 100, 3, 7]):
         stats = micro_batch_statistics(channels, dtype, seed=i, non_finite=i % 2 == 1)
-        UPDATE_STATE(*kernel_state, m, *(s.to(DEVICE) for s in stats), mode, window, momentum, every)
+        UPDATE_STATE(*kernel_state, torch.tensor(m, device=DEVICE), *(s.to(DEVICE) for s in stats),
+                     mode, window, momentum, every)
         with torch.no_grad():
-            window_state.update_state(*cpu_state, m, *stats, mode, window, momentum, every)
+            window_state.update_state(*cpu_state, torch.tensor(m), *stats, mode, window, momentum,
+                                      every)
         assert_same_state(kernel_state, cpu_state, dtype, f"step {i} (m={m})")
 
 
@@ -53,8 +55,9 @@ def test_deferred_merges_the_micro_batch_own_statistics():
     other = to_device(make_state("deferred", 3, 5, torch.float32, True))
     mean, var, batch_mean, batch_var = (s.to(DEVICE) for s in micro_batch_statistics(
         5, torch.float32, seed=0, non_finite=False))
-    UPDATE_STATE(*state, 6, mean, var, batch_mean, batch_var, "deferred", 3, 0.1)
-    UPDATE_STATE(*other, 6, mean + 1, var + 1, batch_mean, batch_var, "deferred", 3, 0.1)
+    m = torch.tensor(6, device=DEVICE)
+    UPDATE_STATE(*state, m, mean, var, batch_mean, batch_var, "deferred", 3, 0.1)
+    UPDATE_STATE(*other, m, mean + 1, var + 1, batch_mean, batch_var, "deferred", 3, 0.1)
     for got, want in zip(state, other):
         assert torch.equal(got, want)
 
@@ -65,7 +68,8 @@ def test_opcheck_update_state(mode_name, tracking):
     mode, window, every = STATE_MODES[mode_name]
     state = to_device(make_state(mode, window or 1, 6, torch.float32, tracking))
     stats = [s.to(DEVICE) for s in micro_batch_statistics(6, torch.float32, seed=0, non_finite=True)]
-    torch.library.opcheck(UPDATE_STATE.default, (*state, 8, *stats, mode, window, 0.1, every))
+    torch.library.opcheck(UPDATE_STATE.default,
+                          (*state, torch.tensor(8, device=DEVICE), *stats, mode, window, 0.1, every))
 
 
 @pytest.mark.parametrize("every", [False, True], ids=["window", "every_micro_batch"])

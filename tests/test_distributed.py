@@ -69,10 +69,21 @@ def _worker(rank, world, store_dir):
     layer = _layer("cumulative", "renorm", dist.group.WORLD)
     if rank == 1:
         layer.window_step.fill_(1)  # as if this rank had missed a reset_window()
-    try:
-        layer(torch.randn(2, C, 2, 2, dtype=torch.float64))
-    except RuntimeError as error:
-        errors["window"] = str(error)
+    # The forwards compare the ranks' window positions on the device; end_window() reads the outcome
+    # and refuses to commit.
+    layer(torch.randn(2, C, 2, 2, dtype=torch.float64))
+    before = {name: value.clone() for name, value in layer.state_dict().items()}
+    for attempt in ("window", "window_again"):  # it stays refused until the windows are reset
+        try:
+            layer.end_window()
+        except RuntimeError as error:
+            errors[attempt] = str(error)
+    errors["uncommitted"] = all(torch.equal(value, before[name])
+                                for name, value in layer.state_dict().items())
+    layer.reset_window()  # on every rank: the ranks start over together
+    layer(torch.randn(2, C, 2, 2, dtype=torch.float64))
+    layer.end_window()
+    errors["committed_after_reset"] = int(layer.num_batches_tracked)
     try:  # a gloo group cannot carry the tensors of another device
         layer.to("meta")(torch.empty(2, C, 2, 2, dtype=torch.float64, device="meta"))
     except (ValueError, RuntimeError) as error:
@@ -106,8 +117,12 @@ def test_ranks_equal_one_process_on_the_concatenation(world, tmp_path):
                 torch.testing.assert_close(ranks[rank][(mode, grad)]["state"][name], value,
                                            msg=f"{mode} {grad} rank {rank}: {name}")
     for rank in range(world):
-        assert "disagree on the window position" in ranks[rank]["errors"]["window"]
-        assert "gloo backend" in ranks[rank]["errors"]["backend"]
+        errors = ranks[rank]["errors"]
+        assert "disagree on the window position" in errors["window"]
+        assert "rank(s) [1] had" in errors["window"] and "by rank: [0, 1" in errors["window"]
+        assert "disagree on the window position" in errors["window_again"]
+        assert errors["uncommitted"] and errors["committed_after_reset"] == 1
+        assert "gloo backend" in errors["backend"]
 
 
 def test_ddp_example_runs_with_gloo():

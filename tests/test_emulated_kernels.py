@@ -33,7 +33,7 @@ KERNEL_TESTS = "tests/test_cuda_kernels.py"
 LAYER_TESTS = [f"tests/{name}" for name in (
     "test_batchnorm_parity.py", "test_modes.py", "test_layouts_dtypes.py", "test_checkpoint.py",
     "test_activation_checkpointing.py", "test_errors.py", "test_distributed.py",
-    "test_train_forward.py", "test_deferred_mode.py", "test_cuda_state_modes.py")]
+    "test_train_forward.py", "test_deferred_mode.py", "test_cuda_state_modes.py", "test_host_syncs.py")]
 # Test functions of test_cuda_kernels.py by group; "kernels_other" runs the rest of the module.
 KERNEL_GROUPS = {
     "quick_regimes": ["test_regime"],
@@ -43,6 +43,7 @@ KERNEL_GROUPS = {
     "large": ["test_more_than_2_pow_24_values_per_channel", "test_bitwise_deterministic",
               "test_layer_state_matches_reference"],
     "single_read": ["test_paths_give_the_same_bits", "test_single_read_path_up_to_what_fits_on_chip",
+                    "test_a_refused_cooperative_launch_falls_back_to_two_pass",
                     "test_kernel_path_switch_and_plan_errors"],
 }
 

@@ -159,5 +159,6 @@ def test_opcheck_update_state(mode, slots, window, tracking):
                torch.tensor(1)]
     running = [torch.randn(C), torch.rand(C) + 0.5, torch.tensor(3)] if tracking else [None] * 3
     stats = [torch.randn(C), torch.rand(C) + 0.5, torch.randn(C), torch.rand(C) + 0.5]
-    torch.library.opcheck(torch.ops.cmbn_ext.cmbn_update_state.default,
-                          (*buffers, *running, 8, *stats, mode, window, 0.1))
+    for m in (8, 0):  # 0: an empty micro-batch, a no-op
+        torch.library.opcheck(torch.ops.cmbn_ext.cmbn_update_state.default,
+                              (*buffers, *running, torch.tensor(m), *stats, mode, window, 0.1))

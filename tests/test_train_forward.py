@@ -80,7 +80,8 @@ def composed(x, weight, bias, state, o):
         x, weight, bias, state["window_count"], state["window_mean"], state["window_var"], o["eps"],
         o["ema_momentum"], o["exact_grad"])
     with torch.no_grad():
-        torch.ops.cmbn_ext.cmbn_update_state(*_state_args(state, o), x.numel() // x.shape[1],
+        torch.ops.cmbn_ext.cmbn_update_state(*_state_args(state, o),
+                                             torch.tensor(x.numel() // x.shape[1], device=x.device),
                                              *outputs[1:5], o["layer_mode"], o["window"], o["momentum"])
     return outputs
 

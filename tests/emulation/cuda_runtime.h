@@ -1,11 +1,16 @@
 #pragma once
 // The part of the CUDA runtime the kernels in csrc/ use, on the CPU: force-included (g++ -include)
-// into every translated source. Each block runs alone, its threads as fibers on one OS thread that
-// switch only at __syncthreads(). Blocks, and the threads between two barriers, run in an order
-// shuffled by a seeded generator (CMBN_EMULATION_SEED), so a missing barrier or a dependence between
-// blocks shows in whichever direction it reads, and the same seed gives the same run. Besides:
-//   - every thread of a block must reach the same barriers: a thread that returns while others wait
-//     at a barrier is reported as a divergent __syncthreads (a hang or worse on a GPU);
+// into every translated source. A block's threads are fibers on one OS thread that switch only at
+// barriers. A <<<>>> launch runs its blocks one at a time; a cooperative launch
+// (cudaLaunchCooperativeKernel) holds every block of its grid at once, each with its own fibers and
+// shared memory, and runs them one at a time up to each grid barrier (this_grid().sync(),
+// cooperative_groups.h). Blocks, and the threads between two barriers, run in an order shuffled by a
+// seeded generator (CMBN_EMULATION_SEED), so a missing barrier or a dependence between blocks shows
+// in whichever direction it reads, and the same seed gives the same run. Besides:
+//   - every thread of a block must reach the same barriers, and every block of a cooperative grid
+//     the same grid barriers: a thread (or block) that returns, or waits at another barrier, while
+//     others wait at one fails the launch (a hang or worse on a GPU), as does a grid barrier in a
+//     <<<>>> launch;
 //   - shared memory starts as 0xFF bytes (NaN) in every block, so a read before any write shows;
 //   - tensors the launchers allocate start as 0xFF bytes too, between guard zones that every launch
 //     must leave untouched (poisoned_tensors.h);
@@ -13,6 +18,7 @@
 //   - every launch is counted per kernel instantiation and phase (runtime.cpp reports them).
 // It checks the kernels' indexing, reductions and math, not timing or memory ordering between
 // threads: compute-sanitizer on a GPU does that. tests/emulation/README.md lists what else differs.
+#include <sys/mman.h>
 #include <ucontext.h>
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -21,6 +27,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -52,6 +59,15 @@ struct uint3 {
 };
 typedef struct CUstream_st* cudaStream_t;
 
+// The error codes the emulated runtime returns (their values as in CUDA's driver_types.h).
+enum cudaError {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorNotSupported = 801,
+};
+typedef enum cudaError cudaError_t;
+
 inline uint3 threadIdx;
 inline uint3 blockIdx;
 inline dim3 blockDim;
@@ -60,6 +76,9 @@ inline dim3 gridDim;
 namespace cmbn_emu {
 
 constexpr size_t kStackBytes = 256 * 1024;
+// Stacks lie this far apart: not a multiple of the page size, so that their tops, where the threads'
+// frames are, fall on different cache sets (a power-of-two stride makes every switch a cache miss).
+constexpr size_t kStackStride = kStackBytes + 4096 + 64;
 constexpr size_t kSharedBytes = 48 * 1024;  // static shared memory per block on every CUDA GPU
 constexpr unsigned kMaxThreads = 1024;
 
@@ -147,82 +166,121 @@ inline StackBounds switch_context(Context& save, Context& load, const StackBound
 }
 
 // ----------------------------------------------------------------------------------------- blocks
-enum class FiberState { kRunnable, kAtBarrier, kDone };
+// Where a thread stands when it switches back to the scheduler.
+enum class FiberState { kRunnable, kAtBarrier, kAtGridBarrier, kDone };
 
-// A thread of the block being run. Fibers outlive blocks: each runs the kernel once per block, then
-// waits for the next one, so a block costs no new contexts.
+// A thread of a resident block. Fibers outlive launches: each runs the kernel once per block, then
+// waits for the next one, so a launch costs no new contexts.
 struct Fiber {
   Context context;
   StackBounds stack;
-  std::unique_ptr<char[]> stack_memory;
   FiberState state = FiberState::kDone;
   uint3 index{};
   size_t shared_cursor = 0;  // where this thread's next __shared__ declaration lies in the arena
 };
 
-// The block being run: its threads and its shared memory.
+// The stacks of `count` fibers in one mapping: a cooperative grid of 264 blocks of 256 threads has
+// 67584 fibers, more than the mappings a process may hold (vm.max_map_count, 65530 by default).
+// The pages are reserved, not committed: a stack costs only the pages its frames touch.
+inline char* map_stacks(size_t count) {
+  void* memory = mmap(nullptr, count * kStackStride, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (memory == MAP_FAILED) {
+    throw std::runtime_error("emulated CUDA: cannot map the stacks of " + std::to_string(count) +
+                             " threads: " + std::strerror(errno));
+  }
+  // Not unpoisoned for AddressSanitizer, which would write a shadow of 1/8 its size: a new mapping
+  // can only land where poisoned memory lay if that was unmapped with its shadow left as it was,
+  // and the sanitizer clears it for the memory its allocator unmaps and for the stacks of threads
+  // that end.
+  return static_cast<char*>(memory);
+}
+
+// A resident block: its threads and its shared memory arena.
 struct Block {
-  Context scheduler;
-  StackBounds scheduler_stack;  // the launching thread's, learnt when a fiber starts or resumes
-  std::vector<Fiber> fibers;    // at least as many as the block has threads
+  uint3 index{};
+  std::vector<Fiber> fibers;  // at least as many as the block has threads
   alignas(16) unsigned char shared[kSharedBytes];
+};
+
+// The launch being run: its kernel, its resident blocks (one at a time for a <<<>>> launch, the whole
+// grid for a cooperative one), the block and thread running, and the context of the launching
+// thread, which schedules them.
+struct Scheduler {
+  Context context;
+  StackBounds stack;  // the launching thread's, learnt when a fiber starts or resumes
   const std::function<void()>* kernel = nullptr;
-  size_t current = 0;
-  std::vector<size_t> order;  // the order the threads run in until the next barrier
+  Block* block = nullptr;  // the block running
+  Fiber* fiber = nullptr;  // the thread running
+  bool cooperative = false;
+  bool skip_grid_sync = false;  // CMBN_EMULATION_SKIP_GRID_SYNC=1: this_grid().sync() does nothing
+  size_t resident = 0;          // blocks[0, resident) belong to the launch
+  std::vector<Block*> blocks;   // never freed: fibers may still reference them at exit
+  std::vector<size_t> order;    // the order the threads run in until the next barrier
   std::mt19937_64 shuffle{shuffle_seed()};
 };
 
-inline Block& block() {
-  static Block* the_block = new Block();  // never freed: fibers may still reference it at exit
-  return *the_block;
+inline Scheduler& scheduler() {
+  static Scheduler* the_scheduler = new Scheduler();  // never freed, as its blocks
+  return *the_scheduler;
 }
 
 // Back to the scheduler, from the current fiber; returns when the scheduler resumes it.
 inline void yield_to_scheduler() {
-  Block& b = block();
-  Fiber& fiber = b.fibers[b.current];
-  b.scheduler_stack = switch_context(fiber.context, b.scheduler, b.scheduler_stack);
+  Scheduler& s = scheduler();
+  s.stack = switch_context(s.fiber->context, s.context, s.stack);
 }
 
 inline void fiber_main() {
-  Block& b = block();
+  Scheduler& s = scheduler();
 #if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_finish_switch_fiber(nullptr, &b.scheduler_stack.bottom, &b.scheduler_stack.bytes);
+  __sanitizer_finish_switch_fiber(nullptr, &s.stack.bottom, &s.stack.bytes);
 #endif
   for (;;) {
-    (*b.kernel)();
-    b.fibers[b.current].state = FiberState::kDone;
+    (*s.kernel)();
+    s.fiber->state = FiberState::kDone;
     yield_to_scheduler();  // resumed for the next block
   }
 }
 
-// A fresh fiber: new, or one left waiting at a barrier by a block that failed.
-inline void start_fiber(Fiber& fiber) {
-  if (!fiber.stack_memory) fiber.stack_memory.reset(new char[kStackBytes]);
+// A fresh context for `fiber`: a new one, or one a failed launch left inside the kernel.
+inline void start_fiber(Fiber& fiber, bool left_inside_kernel) {
 #if defined(__SANITIZE_ADDRESS__)
-  __asan_unpoison_memory_region(fiber.stack_memory.get(), kStackBytes);  // frames left behind
+  if (left_inside_kernel) {
+    // The frames left behind keep their poisoned redzones. They lie above the saved stack pointer
+    // (anywhere where the context is a ucontext_t): unpoisoning only those leaves the shadow of the
+    // rest of the stack untouched, uncommitted.
+    char* bottom = static_cast<char*>(const_cast<void*>(fiber.stack.bottom));
+    char* from = bottom;
+#if defined(__x86_64__)
+    from = std::max(bottom, static_cast<char*>(fiber.context.stack_pointer) - 256);
 #endif
-  fiber.stack = StackBounds{fiber.stack_memory.get(), kStackBytes};
-  make_context(fiber.context, fiber.stack_memory.get(), kStackBytes, fiber_main);
+    __asan_unpoison_memory_region(from, bottom + fiber.stack.bytes - from);
+  }
+#else
+  (void)left_inside_kernel;
+#endif
+  make_context(fiber.context, static_cast<char*>(const_cast<void*>(fiber.stack.bottom)),
+               fiber.stack.bytes, fiber_main);
   fiber.state = FiberState::kDone;
 }
 
-inline void sync_threads() {
-  block().fibers[block().current].state = FiberState::kAtBarrier;
-  yield_to_scheduler();
+// Gives block `b` fibers for at least `threads` threads, the new ones' stacks in one mapping.
+inline void ensure_fibers(Block& b, size_t threads) {
+  const size_t old = b.fibers.size();
+  if (old >= threads) return;
+  char* stacks = map_stacks(threads - old);
+  b.fibers.resize(threads);
+  for (size_t t = old; t < threads; ++t) {
+    b.fibers[t].stack = StackBounds{stacks + (t - old) * kStackStride, kStackBytes};
+    start_fiber(b.fibers[t], false);
+  }
 }
 
-inline void run_block(const dim3& block_index, const std::function<void()>& kernel) {
-  Block& b = block();
-  const size_t threads = static_cast<size_t>(blockDim.x) * blockDim.y * blockDim.z;
-  if (b.fibers.size() < threads) {
-    const size_t old = b.fibers.size();
-    b.fibers.resize(threads);
-    for (size_t t = old; t < threads; ++t) start_fiber(b.fibers[t]);
-  }
-  b.kernel = &kernel;
+// Block `b` as block `index` of the grid starts: every thread runnable, its shared memory 0xFF.
+inline void prepare_block(Block& b, const uint3& index, size_t threads) {
+  b.index = index;
   std::memset(b.shared, 0xFF, sizeof(b.shared));
-  blockIdx = uint3{block_index.x, block_index.y, block_index.z};
   for (size_t t = 0; t < threads; ++t) {
     Fiber& fiber = b.fibers[t];
     const unsigned linear = static_cast<unsigned>(t);
@@ -231,36 +289,88 @@ inline void run_block(const dim3& block_index, const std::function<void()>& kern
     fiber.state = FiberState::kRunnable;
     fiber.shared_cursor = 0;
   }
-  b.order.resize(threads);
-  for (size_t t = 0; t < threads; ++t) b.order[t] = t;
+}
+
+// Throws `message`, after giving every thread the failed launch left inside the kernel a fresh
+// context, so that the next launch starts clean.
+[[noreturn]] inline void fail_launch(const std::string& message) {
+  Scheduler& s = scheduler();
+  for (size_t i = 0; i < s.resident; ++i) {
+    for (Fiber& fiber : s.blocks[i]->fibers) {
+      if (fiber.state != FiberState::kDone) start_fiber(fiber, true);
+    }
+  }
+  throw std::runtime_error("emulated CUDA: " + message);
+}
+
+inline std::string block_name(const uint3& index) {
+  return "block (" + std::to_string(index.x) + ", " + std::to_string(index.y) + ", " +
+         std::to_string(index.z) + ")";
+}
+
+inline void sync_threads() {
+  scheduler().fiber->state = FiberState::kAtBarrier;
+  yield_to_scheduler();
+}
+
+// cooperative_groups::this_grid().sync(). A thread of a <<<>>> launch gets here too, and its launch
+// fails once the block has run up to it.
+inline void sync_grid() {
+  Scheduler& s = scheduler();
+  if (s.cooperative && s.skip_grid_sync) return;
+  s.fiber->state = FiberState::kAtGridBarrier;
+  yield_to_scheduler();
+}
+
+enum class BlockOutcome { kDone, kAtGridBarrier };
+
+// Runs the threads of block `b` until every one has returned or waits at the grid barrier.
+inline BlockOutcome run_block(Block& b, size_t threads) {
+  Scheduler& s = scheduler();
+  s.block = &b;
+  blockIdx = b.index;
   for (;;) {
     // Run every thread up to its next barrier (or its end), in a new order each time.
-    std::shuffle(b.order.begin(), b.order.end(), b.shuffle);
-    for (const size_t t : b.order) {
+    std::shuffle(s.order.begin(), s.order.end(), s.shuffle);
+    for (const size_t t : s.order) {
       Fiber& fiber = b.fibers[t];
       if (fiber.state != FiberState::kRunnable) continue;
-      b.current = t;
+      s.fiber = &fiber;
       threadIdx = fiber.index;
-      switch_context(b.scheduler, fiber.context, fiber.stack);
+      switch_context(s.context, fiber.context, fiber.stack);
     }
-    size_t done = 0;
-    for (size_t t = 0; t < threads; ++t) done += b.fibers[t].state == FiberState::kDone;
-    if (done == threads) return;
+    size_t done = 0, at_grid = 0;
+    for (size_t t = 0; t < threads; ++t) {
+      done += b.fibers[t].state == FiberState::kDone;
+      at_grid += b.fibers[t].state == FiberState::kAtGridBarrier;
+    }
+    if (at_grid > 0 && !s.cooperative) {
+      fail_launch("cooperative_groups::this_grid().sync() in a kernel launched with <<<>>>, not "
+                  "with cudaLaunchCooperativeKernel (" + block_name(b.index) + ")");
+    }
+    if (done == threads) return BlockOutcome::kDone;
+    if (at_grid == threads) return BlockOutcome::kAtGridBarrier;
+    if (at_grid > 0 && done > 0) {
+      fail_launch("divergent this_grid().sync() in " + block_name(b.index) + ": " +
+                  std::to_string(done) + " of " + std::to_string(threads) +
+                  " threads returned while the others wait at the grid barrier");
+    }
+    if (at_grid > 0) {
+      fail_launch("divergent barriers in " + block_name(b.index) + ": " + std::to_string(at_grid) +
+                  " of " + std::to_string(threads) + " threads wait at this_grid().sync() while "
+                  "the others wait at __syncthreads()");
+    }
     if (done > 0) {
-      for (size_t t = 0; t < threads; ++t) {
-        if (b.fibers[t].state != FiberState::kDone) start_fiber(b.fibers[t]);
-      }
-      throw std::runtime_error(
-          "emulated CUDA: divergent __syncthreads() in block (" + std::to_string(block_index.x) + ", " +
-          std::to_string(block_index.y) + "): " + std::to_string(done) + " of " +
-          std::to_string(threads) + " threads returned while the others wait at a barrier");
+      fail_launch("divergent __syncthreads() in " + block_name(b.index) + ": " +
+                  std::to_string(done) + " of " + std::to_string(threads) +
+                  " threads returned while the others wait at a barrier");
     }
     for (size_t t = 0; t < threads; ++t) b.fibers[t].state = FiberState::kRunnable;
   }
 }
 
-// Runs every block of a grid, one after another in a shuffled order.
-inline void run_grid(dim3 grid, dim3 block_shape, const std::function<void()>& kernel) {
+// The threads per block of a launch; throws on a block or grid shape no GPU launches.
+inline size_t check_launch_shape(dim3 grid, dim3 block_shape) {
   const unsigned long long threads =
       static_cast<unsigned long long>(block_shape.x) * block_shape.y * block_shape.z;
   if (threads == 0 || threads > kMaxThreads || block_shape.z > 64) {
@@ -272,14 +382,73 @@ inline void run_grid(dim3 grid, dim3 block_shape, const std::function<void()>& k
     throw std::runtime_error("emulated CUDA: invalid grid (" + std::to_string(grid.x) + ", " +
                              std::to_string(grid.y) + ", " + std::to_string(grid.z) + ")");
   }
+  return static_cast<size_t>(threads);
+}
+
+// Makes `resident` blocks of `threads` fibers ready for a launch of `kernel`.
+inline void begin_launch(dim3 grid, dim3 block_shape, const std::function<void()>& kernel,
+                         bool cooperative, size_t resident, size_t threads) {
+  Scheduler& s = scheduler();
   blockDim = block_shape;
   gridDim = grid;
-  std::vector<dim3> blocks;
+  s.kernel = &kernel;
+  s.cooperative = cooperative;
+  const char* skip = std::getenv("CMBN_EMULATION_SKIP_GRID_SYNC");
+  s.skip_grid_sync = cooperative && skip && std::strcmp(skip, "1") == 0;
+  s.resident = 0;  // no fiber of a block added below is inside the kernel yet
+  while (s.blocks.size() < resident) s.blocks.push_back(new Block());
+  for (size_t i = 0; i < resident; ++i) ensure_fibers(*s.blocks[i], threads);
+  s.resident = resident;
+  s.order.resize(threads);
+  for (size_t t = 0; t < threads; ++t) s.order[t] = t;
+}
+
+// The blocks of `grid` in a shuffled order.
+inline std::vector<uint3> shuffled_blocks(dim3 grid) {
+  std::vector<uint3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
-  std::shuffle(blocks.begin(), blocks.end(), block().shuffle);
-  for (const dim3& index : blocks) run_block(index, kernel);
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(uint3{x, y, z});
+  std::shuffle(blocks.begin(), blocks.end(), scheduler().shuffle);
+  return blocks;
+}
+
+// kernel<<<grid, block>>>: every block of the grid, one after another in a shuffled order, in the
+// same resident block.
+inline void run_grid(dim3 grid, dim3 block_shape, const std::function<void()>& kernel) {
+  const size_t threads = check_launch_shape(grid, block_shape);
+  begin_launch(grid, block_shape, kernel, false, 1, threads);
+  Block& b = *scheduler().blocks[0];
+  for (const uint3& index : shuffled_blocks(grid)) {
+    prepare_block(b, index, threads);
+    run_block(b, threads);  // a block at the grid barrier fails the launch
+  }
+}
+
+// cudaLaunchCooperativeKernel: every block of the grid resident at once, each with its threads and
+// shared memory. Between two grid barriers the blocks run one after another in a shuffled order,
+// each up to the barrier; when every block waits there, all go on, in a new order.
+inline void run_cooperative_grid(dim3 grid, dim3 block_shape, const std::function<void()>& kernel) {
+  const size_t threads = check_launch_shape(grid, block_shape);
+  const std::vector<uint3> indices = shuffled_blocks(grid);
+  Scheduler& s = scheduler();
+  begin_launch(grid, block_shape, kernel, true, indices.size(), threads);
+  std::vector<Block*> blocks(s.blocks.begin(), s.blocks.begin() + indices.size());
+  for (size_t i = 0; i < blocks.size(); ++i) prepare_block(*blocks[i], indices[i], threads);
+  for (bool first = true;; first = false) {
+    if (!first) std::shuffle(blocks.begin(), blocks.end(), s.shuffle);
+    size_t done = 0;
+    for (Block* b : blocks) done += run_block(*b, threads) == BlockOutcome::kDone;
+    if (done == blocks.size()) return;
+    if (done > 0) {
+      fail_launch("divergent this_grid().sync(): " + std::to_string(done) + " of " +
+                  std::to_string(blocks.size()) +
+                  " blocks returned while the others wait at the grid barrier");
+    }
+    for (Block* b : blocks) {
+      for (size_t t = 0; t < threads; ++t) b->fibers[t].state = FiberState::kRunnable;
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------ guard zones
@@ -419,6 +588,11 @@ void extend_phases(std::vector<std::string>& phases) {
 }
 
 template <typename... P>
+constexpr size_t arity(void (*)(P...)) {
+  return sizeof...(P);
+}
+
+template <typename... P>
 std::vector<std::string> phases_of(void (*)(P...)) {
   std::vector<std::string> phases{""};
   (extend_phases<std::decay_t<P>>(phases), ...);
@@ -453,19 +627,62 @@ void launch(dim3 grid, dim3 block_shape, const Args&... args) {
   check_guard_zones(phase.empty() ? kernel : kernel + " (" + phase + ")");
 }
 
+// The error of the last failed runtime call on this host thread, until cudaGetLastError reads it.
+inline thread_local cudaError_t last_error = cudaSuccess;
+
+inline int multiprocessor_count();
+
+// The blocks of a kernel one SM holds at once, as cudaOccupancyMaxActiveBlocksPerMultiprocessor
+// reports them for any kernel and block size: CMBN_EMULATED_BLOCKS_PER_SM (read at each call, so a
+// test may change it), else 2.
+inline int blocks_per_multiprocessor() {
+  const char* text = std::getenv("CMBN_EMULATED_BLOCKS_PER_SM");
+  return text && *text ? std::atoi(text) : 2;
+}
+
+template <auto Kernel, typename... P, size_t... I>
+cudaError_t launch_cooperative_unpacked(dim3 grid, dim3 block_shape, void** args, void (*)(P...),
+                                        std::index_sequence<I...>) {
+  static const std::string kernel = kernel_name<Kernel>();
+  check_launch_shape(grid, block_shape);
+  const long long blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
+  if (blocks > static_cast<long long>(blocks_per_multiprocessor()) * multiprocessor_count()) {
+    last_error = cudaErrorCooperativeLaunchTooLarge;  // as on a GPU: nothing runs (nor is counted)
+    return cudaErrorCooperativeLaunchTooLarge;
+  }
+  std::string phase;
+  (append_enumerator(phase, *static_cast<const std::decay_t<P>*>(args[I])), ...);
+  if (kKernelRegistered<Kernel>) ++launch_counts()[kernel][phase];
+  run_cooperative_grid(grid, block_shape,
+                       [&] { Kernel(*static_cast<const std::decay_t<P>*>(args[I])...); });
+  check_guard_zones(phase.empty() ? kernel : kernel + " (" + phase + ")");
+  return cudaSuccess;
+}
+
+// cudaLaunchCooperativeKernel(&kernel, grid, block, args, shared_bytes, stream) becomes
+// launch_cooperative<&kernel>(grid, block, args): args[i] points to the kernel's i-th argument, of
+// the type of its i-th parameter, as in CUDA; every thread of the grid calls the kernel with copies.
+// A grid larger than the blocks the device holds at once (blocks_per_multiprocessor() per SM) does
+// not run: cudaErrorCooperativeLaunchTooLarge, as on a GPU.
+template <auto Kernel>
+cudaError_t launch_cooperative(dim3 grid, dim3 block_shape, void** args) {
+  return launch_cooperative_unpacked<Kernel>(grid, block_shape, args, Kernel,
+                                             std::make_index_sequence<arity(Kernel)>());
+}
+
 // `__shared__ T name[N];` becomes `auto& name = shared_array<T, N>();`: every thread of the block
 // declares the same arrays in the same order, so the same cursor gives them the same memory.
 template <typename T, long long N>
 T (&shared_array())[N] {
-  Block& b = block();
-  Fiber& fiber = b.fibers[b.current];
+  Scheduler& s = scheduler();
+  Fiber& fiber = *s.fiber;
   size_t offset = (fiber.shared_cursor + alignof(T) - 1) / alignof(T) * alignof(T);
   if (offset + sizeof(T) * N > kSharedBytes) {
     std::fprintf(stderr, "emulated CUDA: more than %zu bytes of static shared memory\n", kSharedBytes);
     std::abort();  // inside a fiber: no exception can unwind to the launcher
   }
   fiber.shared_cursor = offset + sizeof(T) * N;
-  return *reinterpret_cast<T(*)[N]>(b.shared + offset);
+  return *reinterpret_cast<T(*)[N]>(s.block->shared + offset);
 }
 
 // `reinterpret_cast<T*>(p)` becomes `aligned_reinterpret_cast<T*>(p)`: a GPU faults on an access through
@@ -495,6 +712,40 @@ inline int multiprocessor_count() {
 }  // namespace cmbn_emu
 
 inline void __syncthreads() { cmbn_emu::sync_threads(); }
+
+// The runtime calls around a cooperative launch (cooperative_groups.h has the grid barrier).
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t error = cmbn_emu::last_error;
+  cmbn_emu::last_error = cudaSuccess;
+  return error;
+}
+
+inline cudaError_t cudaPeekAtLastError() { return cmbn_emu::last_error; }
+
+inline const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorCooperativeLaunchTooLarge:
+      return "too many blocks in cooperative launch";
+    case cudaErrorNotSupported:
+      return "operation not supported";
+  }
+  return "unrecognized error code";
+}
+
+// Any kernel, any block size: cmbn_emu::blocks_per_multiprocessor() (CMBN_EMULATED_BLOCKS_PER_SM).
+template <class T>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, T kernel, int block_size,
+                                                           size_t dynamic_shared_bytes) {
+  (void)kernel;
+  (void)dynamic_shared_bytes;
+  if (blocks == nullptr || block_size <= 0) return cmbn_emu::last_error = cudaErrorInvalidValue;
+  *blocks = cmbn_emu::blocks_per_multiprocessor();
+  return cudaSuccess;
+}
 
 // Device math: the GPU's rounding-mode intrinsics round to nearest, as the CPU does.
 inline float rsqrtf(float value) { return 1.0f / std::sqrt(value); }

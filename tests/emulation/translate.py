@@ -2,6 +2,9 @@
 
 Only the CUDA syntax is rewritten; the kernels and launchers are compiled as written:
   - ``kernel<<<grid, block, bytes, stream>>>(args);`` -> ``cmbn_emu::launch<&kernel>(grid, block, args);``
+  - ``cudaLaunchCooperativeKernel(&kernel, grid, block, args, bytes, stream)`` ->
+    ``cmbn_emu::launch_cooperative<&kernel>(grid, block, args)``: the kernel must be named there (a
+    constant expression), so that its launches are counted per instantiation as the others are
   - ``__shared__ T name[N];`` -> ``auto& name = cmbn_emu::shared_array<T, N>();`` (see cuda_runtime.h)
   - ``at::empty(...)`` / ``at::empty_like(...)`` -> ``cmbn_emu::poisoned(...)``
   - ``.is_cuda()`` -> ``.is_cpu()``: CPU tensors stand for the emulated device's
@@ -12,8 +15,11 @@ Only the CUDA syntax is rewritten; the kernels and launchers are compiled as wri
 import os
 import re
 
-LAUNCH = re.compile(r"([\w:]+(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+# The launch configuration holds no other <<< or >>>: a "<<<>>>" in a comment starts no launch.
+LAUNCH = re.compile(r"([\w:]+(?:<[^<>;()]*>)?)\s*<<<((?:(?!<<<|>>>).)*)>>>\s*\(", re.S)
 SHARED = re.compile(r"__shared__\s+([^;\[]+?)\s+(\w+)\s*\[([^\]]+)\]\s*;")
+COOPERATIVE_LAUNCH = re.compile(r"\bcudaLaunchCooperativeKernel\s*\(")
+KERNEL_ADDRESS = re.compile(r"\s*&\s*(?:::)?[A-Za-z_][\w:]*\s*")
 ALLOCATION = re.compile(r"\bat::(empty|empty_like)\(")
 REGISTRATION = "TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m)"
 SKIPPED = {"python_module.cpp"}  # the Python module shell of cmbn_ext._C: not needed to load the ops
@@ -69,12 +75,52 @@ def launch(match, arguments):
     return f"::cmbn_emu::launch<&{match.group(1)}>({grid}, {block}{arguments})"
 
 
+def template_id_end(text, start):
+    """Index just past the template argument list that opens at ``text[start]`` (a ``<``); a ``>``
+    inside parentheses, as in ``(N > 2)``, does not close it."""
+    angles = brackets = 0
+    for i in range(start, len(text)):
+        if text[i] in "([":
+            brackets += 1
+        elif text[i] in ")]":
+            brackets -= 1
+        elif text[i] == "<" and brackets == 0:
+            angles += 1
+        elif text[i] == ">" and brackets == 0:
+            angles -= 1
+            if angles == 0:
+                return i + 1
+    raise ValueError(f"unbalanced template arguments: {text[start:start + 80]!r}")
+
+
+def cooperative_launch(match, arguments):
+    """``cudaLaunchCooperativeKernel(&kernel<...>, grid, block, args, bytes, stream)``: the first
+    argument is split off by hand, since its template arguments hold commas. In a ``//`` comment the
+    call is left as it is."""
+    line_start = match.string.rfind("\n", 0, match.start()) + 1
+    if "//" in match.string[line_start:match.start()]:
+        return f"{match.group(0)}{arguments})"
+    name = KERNEL_ADDRESS.match(arguments)
+    end = name.end() if name else 0
+    if name and arguments[end:end + 1] == "<":
+        end = template_id_end(arguments, end)
+    rest = arguments[end:].lstrip()
+    parts = split_top_level(rest[1:]) if name and rest.startswith(",") else []
+    if len(parts) not in (3, 4, 5):  # CUDA's defaults: no dynamic shared memory, the default stream
+        raise ValueError("translate.py expects cudaLaunchCooperativeKernel(&kernel, grid, block, args"
+                         f"[, bytes[, stream]]), not: cudaLaunchCooperativeKernel({arguments})")
+    kernel = arguments[:end].strip()
+    grid, block, kernel_arguments = parts[:3]
+    return f"::cmbn_emu::launch_cooperative<{kernel}>({grid}, {block}, {kernel_arguments})"
+
+
 def poisoned_allocation(match, arguments):
     return f"::cmbn_emu::poisoned(at::{match.group(1)}({arguments}))"
 
 
 def translate(text):
     text = rewrite_calls(text, LAUNCH, launch)
+    text = rewrite_calls(text, COOPERATIVE_LAUNCH, cooperative_launch)
     text = SHARED.sub(r"auto& \2 = ::cmbn_emu::shared_array<\1, \3>();", text)
     text = rewrite_calls(text, ALLOCATION, poisoned_allocation)
     text = text.replace(".is_cuda()", ".is_cpu()")

@@ -6,10 +6,11 @@ namespace at::cuda {
 
 struct EmulatedDeviceProperties {
   int multiProcessorCount;
+  int cooperativeLaunch;  // cudaLaunchCooperativeKernel is emulated
 };
 
 inline EmulatedDeviceProperties* getCurrentDeviceProperties() {
-  static EmulatedDeviceProperties properties{cmbn_emu::multiprocessor_count()};
+  static EmulatedDeviceProperties properties{cmbn_emu::multiprocessor_count(), 1};
   return &properties;
 }
 
