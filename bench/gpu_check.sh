@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command check of the CUDA kernels on a GPU machine, offline, in this order (value over cost):
 #   1. build cmbn_ext._C in place with the machine's python3 and nvcc, for the local GPU only;
-#   2. the GPU tests (tests/test_cuda_kernels.py);
+#   2. the GPU tests (tests/test_cuda_kernels.py, tests/test_host_syncs.py);
 #   3. CmBN over a one-rank NCCL group against the layer alone (bench/nccl_case.py);
 #   4. compute-sanitizer memcheck and racecheck on a small case (bench/sanitizer_case.py);
 #   5. the host cost per call against BatchNorm2d (bench/host_overhead.py) and the benchmark
@@ -149,7 +149,7 @@ if [[ "$LOADED" != "True" ]]; then
 fi
 
 if timeout 60 "$PY" -m pytest --version >/dev/null 2>&1; then
-    run_step tests 200 "$BENCH_S" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py
+    run_step tests 200 "$BENCH_S" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_host_syncs.py
     cp "$LOGS/tests.log" "$OUT/tests.log" 2>/dev/null
 else
     skip_step tests "pytest is not installed: GPU tests NOT run; only the sanitizer smoke case below"

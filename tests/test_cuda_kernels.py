@@ -6,11 +6,13 @@ other than x's own, the in-place state update of every mode, window and dtype wi
 channels), every mode (count-weighted and EMA pooling; history of 0, 1 and 3 slots with empty slots),
 dtype (fp16, bf16, fp32, fp64, AMP fp32 parameters with half input, no affine), layout (contiguous,
 channels_last, channels_last_3d, (N, C), (N, C, L)), both gradients, many odd shapes, the split
-regimes, more than 2^24 values per channel, bitwise determinism, opcheck, torch.compile and the layers
-against the same layers on the reference ops; test_regime reaches every kernel instantiation in each
-regime and checks the bits the design promises. Outputs are poisoned first (the caching allocator is
-filled with NaN bytes) so an element a kernel forgets to write fails the comparison, and inputs lie
-between NaN margins so a read outside them does. Skipped without a GPU or without the compiled
+regimes, both paths of the fused ops (two-pass and single-read, forced per test; the same bits on
+either; the single read up to what fits on chip, and its fallbacks), more than 2^24 values per
+channel, bitwise determinism, opcheck, torch.compile and the layers against the same layers on the
+reference ops; test_regime reaches every kernel instantiation in each regime and checks the bits the
+design promises. Outputs are poisoned first (the caching allocator is filled with NaN bytes) so an
+element a kernel forgets to write fails the comparison, and inputs lie between NaN margins so a read
+outside them does. Skipped without a GPU or without the compiled
 kernels, unless CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation).
 """
 import copy
