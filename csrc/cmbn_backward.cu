@@ -94,22 +94,34 @@ struct BackwardBlock {
   static constexpr int kEntries = kRowLayout ? kBlockThreads * VEC : kBlockThreads;
   static constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
 
+  // The block's shared memory: per-thread sums at [part * tile_width + channel in tile], then each
+  // channel's dx coefficients for the elementwise step.
+  struct Shared {
+    GradSums<acc_t> entries[kEntries];
+    acc_t tile_coef_dy[kMaxTile];
+    acc_t tile_coef_xc[kMaxTile];
+    acc_t tile_constant[kMaxTile];
+  };
+
   const BackwardArgs<scalar_t, acc_t>& args;
+  Shared& shared;
   GradSums<acc_t>* entries;
   int thread;
   int width;
+  int64_t group;  // blockIdx.x: the channel group
+  int split;      // blockIdx.y: the block's share of it
   int64_t first_channel;
-  int split;
   acc_t batch_mean[kAccs];  // of the thread's channel(s), subtracted from x
 
-  __device__ BackwardBlock(const BackwardArgs<scalar_t, acc_t>& args_, GradSums<acc_t>* entries_,
-                           int64_t group, int split_)
+  __device__ BackwardBlock(const BackwardArgs<scalar_t, acc_t>& args_, Shared& shared_)
       : args(args_),
-        entries(entries_),
+        shared(shared_),
+        entries(shared_.entries),
         thread(block_thread()),
         width(args_.geo.tile_width),
-        first_channel(group * args_.geo.tile_width),
-        split(split_) {
+        group(blockIdx.x),
+        split(static_cast<int>(blockIdx.y)),
+        first_channel(group * width) {
 #pragma unroll
     for (int a = 0; a < kAccs; ++a) {
       const int64_t c = first_channel + (kRowLayout ? threadIdx.x * VEC + a : 0);
@@ -179,7 +191,7 @@ struct BackwardBlock {
 
   // One thread per channel of the tile: the sums (reduced, or given), then the split-0 block writes the
   // per-channel outputs; with dx, each channel's coefficients go to the tile arrays.
-  __device__ void finalize(bool given, acc_t* tile_coef_dy, acc_t* tile_coef_xc, acc_t* tile_constant) {
+  __device__ void finalize(bool given) {
     if (thread >= width) return;
     const int64_t c = first_channel + thread;
     if (c >= args.geo.channels) return;
@@ -195,9 +207,9 @@ struct BackwardBlock {
     const int64_t values = given ? *args.count : args.geo.values_per_channel;
     const GradCoefficients<acc_t> k =
         grad_coefficients(args, c, sums, values, split == 0 && args.grad_weight != nullptr);
-    tile_coef_dy[thread] = k.coef_dy;
-    tile_coef_xc[thread] = k.coef_xc;
-    tile_constant[thread] = k.constant;
+    shared.tile_coef_dy[thread] = k.coef_dy;
+    shared.tile_coef_xc[thread] = k.coef_xc;
+    shared.tile_constant[thread] = k.constant;
   }
 };
 
@@ -209,16 +221,17 @@ struct GradInput {
   acc_t constant[ACCS];
   acc_t batch_mean[ACCS];
 
-  __device__ GradInput(const acc_t* tile_coef_dy, const acc_t* tile_coef_xc, const acc_t* tile_constant,
-                       const acc_t (&mean)[ACCS], int64_t first_channel, int64_t channels) {
+  // The thread's channels' coefficients from the tile arrays (after finalize and a barrier).
+  template <typename Block>
+  __device__ explicit GradInput(const Block& block) {
 #pragma unroll
     for (int a = 0; a < ACCS; ++a) {
       const int index = ROWS ? threadIdx.x * VEC + a : 0;  // kRows: the thread's channels
-      const bool exists = first_channel + index < channels;
-      coef_dy[a] = exists ? tile_coef_dy[index] : acc_t(0);
-      coef_xc[a] = exists ? tile_coef_xc[index] : acc_t(0);
-      constant[a] = exists ? tile_constant[index] : acc_t(0);
-      batch_mean[a] = mean[a];
+      const bool exists = block.first_channel + index < block.args.geo.channels;
+      coef_dy[a] = exists ? block.shared.tile_coef_dy[index] : acc_t(0);
+      coef_xc[a] = exists ? block.shared.tile_coef_xc[index] : acc_t(0);
+      constant[a] = exists ? block.shared.tile_constant[index] : acc_t(0);
+      batch_mean[a] = block.batch_mean[a];
     }
   }
 
@@ -242,15 +255,11 @@ template <typename scalar_t, typename acc_t, Layout L, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
     cmbn_backward_kernel(const BackwardArgs<scalar_t, acc_t> args, const Phase phase) {
   using Block = BackwardBlock<scalar_t, acc_t, L, VEC>;
-  __shared__ GradSums<acc_t> entries[Block::kEntries];
-  __shared__ acc_t tile_coef_dy[Block::kMaxTile];
-  __shared__ acc_t tile_coef_xc[Block::kMaxTile];
-  __shared__ acc_t tile_constant[Block::kMaxTile];
-
+  __shared__ typename Block::Shared shared[1];
+  Block block(args, shared[0]);
   const Geometry& geo = args.geo;
-  const int64_t group = blockIdx.x;
-  const int split = blockIdx.y;
-  Block block(args, entries, group, split);
+  const int64_t group = block.group;
+  const int split = block.split;
   int64_t offset[kUnroll];
   bool valid[kUnroll];
 
@@ -281,12 +290,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   } else if (phase == Phase::kApply) {
     block.merge_partials();
   }
-  block.finalize(phase == Phase::kGiven, tile_coef_dy, tile_coef_xc, tile_constant);
+  block.finalize(phase == Phase::kGiven);
   if (!args.write_grad_x) return;  // the sums only (the same for every thread of the grid)
   __syncthreads();
 
-  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(
-      tile_coef_dy, tile_coef_xc, tile_constant, block.batch_mean, block.first_channel, geo.channels);
+  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(block);
   Walker<L, VEC> walker(geo, group, split, /*reversed=*/true);
   while (walker.next(offset, valid)) {
     Pack<scalar_t, VEC> x_pack[kUnroll];
@@ -315,15 +323,11 @@ __global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
     cmbn_backward_held_kernel(const BackwardArgs<scalar_t, acc_t> args, const Residency residency) {
   constexpr int kRounds = held_rounds<scalar_t, L>(kHeldRoundsBackward);
   using Block = BackwardBlock<scalar_t, acc_t, L, VEC>;
-  __shared__ GradSums<acc_t> entries[Block::kEntries];
-  __shared__ acc_t tile_coef_dy[Block::kMaxTile];
-  __shared__ acc_t tile_coef_xc[Block::kMaxTile];
-  __shared__ acc_t tile_constant[Block::kMaxTile];
-
+  __shared__ typename Block::Shared shared[1];
+  Block block(args, shared[0]);
   const Geometry& geo = args.geo;
-  const int64_t group = blockIdx.x;
-  const int split = blockIdx.y;
-  Block block(args, entries, group, split);
+  const int64_t group = block.group;
+  const int split = block.split;
 
   Pack<scalar_t, VEC> held_x[kRounds][kUnroll];
   Pack<scalar_t, VEC> held_dy[kRounds][kUnroll];
@@ -359,11 +363,10 @@ __global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
     cooperative_groups::this_grid().sync();
     block.merge_partials();
   }
-  block.finalize(/*given=*/false, tile_coef_dy, tile_coef_xc, tile_constant);
+  block.finalize(/*given=*/false);
   __syncthreads();
 
-  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(
-      tile_coef_dy, tile_coef_xc, tile_constant, block.batch_mean, block.first_channel, geo.channels);
+  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(block);
   Walker<L, VEC> walker(geo, group, split);
   int64_t offset[kUnroll];
   bool any[kUnroll];

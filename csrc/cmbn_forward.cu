@@ -102,8 +102,7 @@ __device__ ChannelStatistics<acc_t> pooled_statistics(const ForwardArgs<scalar_t
 }
 
 // The block-level steps of a forward launch, shared by the two-pass kernel and the single-read kernel
-// so that both compute the same bits. `entries` (shared) holds per-thread summaries at
-// [part * tile_width + channel in tile].
+// so that both compute the same bits.
 template <typename scalar_t, typename acc_t, Layout L, int VEC>
 struct ForwardBlock {
   static constexpr bool kRowLayout = L == Layout::kRows;
@@ -113,12 +112,33 @@ struct ForwardBlock {
   static constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
   using Sums = ShiftedSums<acc_t, kAccs>;
 
+  // The block's shared memory: per-thread summaries at [part * tile_width + channel in tile], then
+  // each channel's (mean, scale, bias) for the elementwise step.
+  struct Shared {
+    WelfordState<acc_t> entries[kEntries];
+    acc_t tile_mean[kMaxTile];
+    acc_t tile_scale[kMaxTile];
+    acc_t tile_bias[kMaxTile];
+  };
+
   const ForwardArgs<scalar_t, acc_t>& args;
+  Shared& shared;
   WelfordState<acc_t>* entries;
   int thread;
   int width;
+  int64_t group;  // blockIdx.x: the channel group
+  int split;      // blockIdx.y: the block's share of it
   int64_t first_channel;
-  int split;
+
+  __device__ ForwardBlock(const ForwardArgs<scalar_t, acc_t>& args_, Shared& shared_)
+      : args(args_),
+        shared(shared_),
+        entries(shared_.entries),
+        thread(block_thread()),
+        width(args_.geo.tile_width),
+        group(blockIdx.x),
+        split(static_cast<int>(blockIdx.y)),
+        first_channel(group * width) {}
 
   __device__ static WelfordState<acc_t> merge(const WelfordState<acc_t>& a, const WelfordState<acc_t>& b) {
     return welford_merge(a, b);
@@ -179,7 +199,7 @@ struct ForwardBlock {
   // One thread per channel of the tile: the micro-batch's statistics (reduced into entries, or given),
   // then the pooled ones; the split-0 block writes the per-channel outputs. With an output, each
   // channel's (mean, scale, bias) go to the tile arrays for the elementwise step.
-  __device__ void finalize(bool given, acc_t* tile_mean, acc_t* tile_scale, acc_t* tile_bias) {
+  __device__ void finalize(bool given) {
     if (thread >= width) return;
     const int64_t c = first_channel + thread;
     if (c >= args.geo.channels) return;
@@ -216,9 +236,9 @@ struct ForwardBlock {
       }
     }
     const acc_t scale = reciprocal_sqrt(s.var + args.eps);
-    tile_mean[thread] = s.mean;
-    tile_scale[thread] = scale * load_any_float<acc_t>(args.weight, c, acc_t(1));
-    tile_bias[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
+    shared.tile_mean[thread] = s.mean;
+    shared.tile_scale[thread] = scale * load_any_float<acc_t>(args.weight, c, acc_t(1));
+    shared.tile_bias[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
   }
 };
 
@@ -230,12 +250,15 @@ struct Normalizer {
   acc_t bias[ACCS];
 
   // The thread's channels' coefficients from the tile arrays (after finalize and a barrier).
-  __device__ Normalizer(const acc_t* tile_mean, const acc_t* tile_scale, const acc_t* tile_bias,
-                        int64_t first_channel, int64_t channels) {
+  template <typename Block>
+  __device__ explicit Normalizer(const Block& block) {
+    const auto& tile_mean = block.shared.tile_mean;
+    const auto& tile_scale = block.shared.tile_scale;
+    const auto& tile_bias = block.shared.tile_bias;
 #pragma unroll
     for (int a = 0; a < ACCS; ++a) {
       const int index = ROWS ? threadIdx.x * VEC + a : 0;  // kRows: the thread's channels
-      const bool exists = first_channel + index < channels;
+      const bool exists = block.first_channel + index < block.args.geo.channels;
       mean[a] = exists ? tile_mean[index] : acc_t(0);
       scale[a] = exists ? tile_scale[index] : acc_t(0);
       bias[a] = exists ? tile_bias[index] : acc_t(0);
@@ -260,15 +283,11 @@ template <typename scalar_t, typename acc_t, Layout L, int VEC>
 __global__ void __launch_bounds__(kBlockThreads)
     cmbn_forward_kernel(const ForwardArgs<scalar_t, acc_t> args, const Phase phase) {
   using Block = ForwardBlock<scalar_t, acc_t, L, VEC>;
-  __shared__ WelfordState<acc_t> entries[Block::kEntries];
-  __shared__ acc_t tile_mean[Block::kMaxTile];
-  __shared__ acc_t tile_scale[Block::kMaxTile];
-  __shared__ acc_t tile_bias[Block::kMaxTile];
-
+  __shared__ typename Block::Shared shared[1];
+  Block block(args, shared[0]);
   const Geometry& geo = args.geo;
-  const int64_t group = blockIdx.x;
-  const int split = blockIdx.y;
-  Block block{args, entries, block_thread(), geo.tile_width, group * geo.tile_width, split};
+  const int64_t group = block.group;
+  const int split = block.split;
   int64_t offset[kUnroll];
   bool valid[kUnroll];
 
@@ -293,12 +312,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   } else if (phase == Phase::kApply) {
     block.merge_partials();
   }
-  block.finalize(phase == Phase::kGiven, tile_mean, tile_scale, tile_bias);
+  block.finalize(phase == Phase::kGiven);
   if (!args.normalize) return;  // statistics only (the same for every thread of the grid)
   __syncthreads();
 
-  const Normalizer<scalar_t, acc_t, VEC, Block::kRowLayout> normalize(tile_mean, tile_scale, tile_bias,
-                                                                 block.first_channel, geo.channels);
+  const Normalizer<scalar_t, acc_t, VEC, Block::kRowLayout> normalize(block);
   Walker<L, VEC> walker(geo, group, split, /*reversed=*/true);
   while (walker.next(offset, valid)) {
     Pack<scalar_t, VEC> pack[kUnroll];
@@ -323,15 +341,11 @@ __global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
     cmbn_forward_held_kernel(const ForwardArgs<scalar_t, acc_t> args, const Residency residency) {
   constexpr int kRounds = held_rounds<scalar_t, L>(kHeldRoundsForward);
   using Block = ForwardBlock<scalar_t, acc_t, L, VEC>;
-  __shared__ WelfordState<acc_t> entries[Block::kEntries];
-  __shared__ acc_t tile_mean[Block::kMaxTile];
-  __shared__ acc_t tile_scale[Block::kMaxTile];
-  __shared__ acc_t tile_bias[Block::kMaxTile];
-
+  __shared__ typename Block::Shared shared[1];
+  Block block(args, shared[0]);
   const Geometry& geo = args.geo;
-  const int64_t group = blockIdx.x;
-  const int split = blockIdx.y;
-  Block block{args, entries, block_thread(), geo.tile_width, group * geo.tile_width, split};
+  const int64_t group = block.group;
+  const int split = block.split;
 
   Pack<scalar_t, VEC> held[kRounds][kUnroll];
   bool valid[kRounds][kUnroll];
@@ -359,11 +373,10 @@ __global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
     cooperative_groups::this_grid().sync();
     block.merge_partials();
   }
-  block.finalize(/*given=*/false, tile_mean, tile_scale, tile_bias);
+  block.finalize(/*given=*/false);
   __syncthreads();
 
-  const Normalizer<scalar_t, acc_t, VEC, Block::kRowLayout> normalize(tile_mean, tile_scale, tile_bias,
-                                                                 block.first_channel, geo.channels);
+  const Normalizer<scalar_t, acc_t, VEC, Block::kRowLayout> normalize(block);
   Walker<L, VEC> walker(geo, group, split);
   int64_t offset[kUnroll];
   bool any[kUnroll];
