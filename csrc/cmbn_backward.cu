@@ -1,9 +1,11 @@
-// The CmBN backward family (SPEC section 4, reference.backward), one kernel for all three ops:
+// The CmBN backward family (SPEC section 4, reference.backward), a two-pass kernel for all three ops
+// and a single-read one for the first:
 //   cmbn_backward:      the per-channel sums sum(dy) and sum(dy * (x - batch_mean)), then
 //                       dx = coef_dy * dy + coef_xc * (x - batch_mean) + const for either gradient,
-//                       grad_weight and grad_bias; one launch in the small regime, two otherwise
-//                       (partial sums into a workspace, then a pass that adds them in a fixed order
-//                       and writes dx);
+//                       grad_weight and grad_bias: on the single-read path in one launch that holds x
+//                       and dy in registers (cooperative when a channel spans several blocks); on the
+//                       two-pass path in one launch in the small regime, two otherwise (partial sums
+//                       into a workspace, then a pass that adds them in a fixed order and writes dx);
 //   cmbn_backward_sums: the same reduction, stopping at the two sums;
 //   cmbn_backward_dx:   dx alone, from sums the caller gives (all-reduced across processes).
 #include <ATen/AccumulateType.h>

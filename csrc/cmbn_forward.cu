@@ -1,8 +1,10 @@
-// The CmBN forward family, one kernel for all three ops:
+// The CmBN forward family, a two-pass kernel for all three ops and a single-read one for the first:
 //   cmbn_forward:        per-channel Welford statistics of the micro-batch, the pooling with the history
-//                        (SPEC section 2) and the normalization, in one launch (small regime) or two (a
-//                        partial reduction into a workspace, then a pass that merges it in a fixed order
-//                        and normalizes);
+//                        (SPEC section 2) and the normalization: on the single-read path in one launch
+//                        that holds x in registers (cooperative, with a grid barrier, when a channel
+//                        spans several blocks); on the two-pass path in one launch (small regime) or two
+//                        (a partial reduction into a workspace, then a pass that merges it in a fixed
+//                        order and normalizes);
 //   cmbn_batch_stats:    the same reduction, stopping at the micro-batch's statistics;
 //   cmbn_pooled_forward: the pooling and normalization alone, from statistics the caller gives (merged
 //                        across processes in between).
