@@ -933,20 +933,22 @@ def assert_same_state(kernel_state, cpu_state, dtype, what):
 
 
 def run_state_steps(mode, window, channels, dtype, tracking, momentum, ms, start_step=0,
-                    running_dtype=None, stats_dtype=None):
+                    running_dtype=None, stats_dtype=None, every_micro_batch=False):
     """Several micro-batches through the kernel and through window_state.update_state on the CPU
     (same dtypes), comparing every buffer after each."""
     cpu_state = make_state(mode, window, channels, dtype, tracking, seed=channels, step=start_step,
                            running_dtype=running_dtype)
     kernel_state = to_device(cpu_state)
-    window = window if mode == "cumulative" else None  # what the layer passes
+    window = window if mode in ("cumulative", "deferred") else None  # what the layer passes
     for i, m in enumerate(ms):
         stats = micro_batch_statistics(channels, dtype, seed=i, non_finite=i % 2 == 1,
                                        stats_dtype=stats_dtype)
         m_device, m_cpu = counts(m)
-        UPDATE_STATE(*kernel_state, m_device, *(s.to(DEVICE) for s in stats), mode, window, momentum)
+        UPDATE_STATE(*kernel_state, m_device, *(s.to(DEVICE) for s in stats), mode, window, momentum,
+                     every_micro_batch)
         with torch.no_grad():
-            window_state.update_state(*cpu_state, m_cpu, *stats, mode, window, momentum)
+            window_state.update_state(*cpu_state, m_cpu, *stats, mode, window, momentum,
+                                      every_micro_batch)
         assert_same_state(kernel_state, cpu_state, dtype, f"step {i} (m={m})")
 
 

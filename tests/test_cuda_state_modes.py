@@ -6,13 +6,13 @@ kernels, unless CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation).
 import pytest
 import torch
 
-from cmbn_ext import ops, window_state
+from cmbn_ext import ops
 # The kernel suite's device (importing it skips this module where it skips) and its update_state
 # helpers: buffers with history, statistics with non-finite channels, the comparison in each buffer's
 # dtype.
 from test_cuda_kernels import (DEVICE, EMULATED, STATE_DTYPES, assert_same_state,  # noqa: F401
                                make_state, micro_batch_statistics, poison_allocator, random_input,
-                               to_device)
+                               run_state_steps, to_device)
 
 UPDATE_STATE = torch.ops.cmbn_ext.cmbn_update_state
 TRAIN_FORWARD = torch.ops.cmbn_ext.cmbn_train_forward
@@ -35,17 +35,8 @@ def test_update_state_matches_reference(mode_name, dtype_name, momentum, trackin
     """Seven micro-batches (windows of 3 end twice; non-finite channels every other step; m = 1 into
     an empty window is a count of 1, no running update), every buffer compared after each."""
     mode, window, every = STATE_MODES[mode_name]
-    dtype = STATE_DTYPES[dtype_name]
-    cpu_state = make_state(mode, window or 1, channels, dtype, tracking, seed=channels)
-    kernel_state = to_device(cpu_state)
-    for i, m in enumerate([5, 1, 12, 2, 100, 3, 7]):
-        stats = micro_batch_statistics(channels, dtype, seed=i, non_finite=i % 2 == 1)
-        UPDATE_STATE(*kernel_state, torch.tensor(m, device=DEVICE), *(s.to(DEVICE) for s in stats),
-                     mode, window, momentum, every)
-        with torch.no_grad():
-            window_state.update_state(*cpu_state, torch.tensor(m), *stats, mode, window, momentum,
-                                      every)
-        assert_same_state(kernel_state, cpu_state, dtype, f"step {i} (m={m})")
+    run_state_steps(mode, window, channels, STATE_DTYPES[dtype_name], tracking, momentum,
+                    ms=[5, 1, 12, 2, 100, 3, 7], every_micro_batch=every)
 
 
 def test_deferred_merges_the_micro_batch_own_statistics():
