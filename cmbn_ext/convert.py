@@ -1,7 +1,6 @@
 """Model-wide helpers: swap BatchNorm layers for CmBN and back, and end or reset every window."""
 import collections
 import sys
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -9,6 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modules import (CrossMiniBatchNorm1d, CrossMiniBatchNorm2d, CrossMiniBatchNorm3d,
                       SyncCrossMiniBatchNorm, _CrossMiniBatchNorm)
+from .user_warnings import warn
 
 _TO_CMBN = {
     torch.nn.BatchNorm1d: CrossMiniBatchNorm1d,
@@ -71,9 +71,9 @@ def _default_group(module):
     """The group a SyncBatchNorm without one pools over: the default group, once there is one."""
     if dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
-    warnings.warn(f"convert_batchnorm: {type(module).__name__} without a process_group pools over the "
-                  f"default group, but torch.distributed is not initialized yet: its CmBN layer pools "
-                  f"within each process. Convert after init_process_group(), or pass process_group=")
+    warn(f"convert_batchnorm: {type(module).__name__} without a process_group pools over the "
+         f"default group, but torch.distributed is not initialized yet: its CmBN layer pools "
+         f"within each process. Convert after init_process_group(), or pass process_group=")
     return None
 
 
@@ -149,7 +149,7 @@ def _warn_left(function, layers, why):
         return
     counts = collections.Counter(f"{type(layer).__module__}.{type(layer).__qualname__}" for layer in layers)
     names = ", ".join(f"{name} ({count})" for name, count in counts.items())
-    warnings.warn(f"{function} left {len(layers)} layer(s) as they are: {names}; {why}")
+    warn(f"{function} left {len(layers)} layer(s) as they are: {names}; {why}")
 
 
 def _convert(module, classes, kwargs, converted):

@@ -18,16 +18,17 @@ without touching the state a second time.
 """
 import math
 import numbers
-import warnings
 
 import torch
 import torch.distributed as dist
+import torch.fx
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .ops import CrossMiniBatchNormFunction, normalization_history
 from .distributed import GroupCrossMiniBatchNorm, WindowAgreement, check_group_matches
 from .reference import channel_view, values_per_channel
+from .user_warnings import warn
 from .window_state import commit_window
 
 MODES = ("cumulative", "sliding", "ema", "deferred")
@@ -44,7 +45,8 @@ LONG_WINDOW = 1024
 
 
 class OpenWindowWarning(UserWarning):
-    """A window left open where it is most likely a mistake: at ``eval()``, or growing without end."""
+    """A window left open where it is most likely a mistake: across an optimizer step (the weights
+    changed inside it), at ``eval()``, or growing without end."""
 
 
 _warned = set()  # the kinds of OpenWindowWarning given so far: each is said once per process
@@ -53,7 +55,26 @@ _warned = set()  # the kinds of OpenWindowWarning given so far: each is said onc
 def _warn_once(kind, message):
     if kind not in _warned:
         _warned.add(kind)
-        warnings.warn(message, OpenWindowWarning)
+        warn(message, OpenWindowWarning)
+
+
+class _HostWindow:
+    """What the host knows of a cumulative or deferred layer's open window without reading the device:
+    how many micro-batches it holds (``window_step``, counted here), and the affine parameters at its
+    first micro-batch with the sum of their version counters (``Tensor._version``, which only grows, at
+    every in-place change such as an optimizer step). ``version`` is None where that first micro-batch
+    was not seen (a window loaded from a checkpoint, or copied). A plain object, changed in place:
+    ``nn.Module.__setattr__`` costs host time at every call."""
+
+    __slots__ = ("position", "weight", "bias", "version")
+
+    def __init__(self, position=0):
+        self.position, self.weight, self.bias, self.version = position, None, None, None
+
+    def __reduce__(self):
+        # A copy (deepcopy, pickle) has new parameters with new version counters: only the position
+        # carries over.
+        return _HostWindow, (self.position,)
 
 
 def _check_eps(eps):
@@ -154,7 +175,7 @@ class _CrossMiniBatchNorm(_BatchNorm):
         self.process_group = process_group
         self._checkpoint_history = None  # see _history_for
         self._window_agreement = WindowAgreement()  # checked at end_window()
-        self._open_micro_batches = 0  # host-side count toward LONG_WINDOW (window=None)
+        self._host_window = _HostWindow() if mode in WINDOWED_MODES else None
         slots = window - 1 if mode == "sliding" else 1
         history = {"device": device, "dtype": _history_dtype(dtype or torch.get_default_dtype())}
         self.register_buffer("window_count",
@@ -226,6 +247,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            return self._forward_traced(x)
         self._check_input(x)
         if not _is_dense(x):  # the kernels take contiguous or channels_last input
             x = x.contiguous()
@@ -246,12 +269,22 @@ class _CrossMiniBatchNorm(_BatchNorm):
             return CrossMiniBatchNormFunction.apply(
                 x, params["weight"], params["bias"], *self._normalization_history(history), self.eps,
                 self._ema_momentum(), self._grad == "exact")[0]
-        self._count_open_micro_batch()
+        self._note_micro_batch()
         return torch.ops.cmbn_ext.cmbn_train_forward(
             x, params["weight"], params["bias"], *history, self._buffers["window_step"],
             *self._tracked_running_stats(), self.eps, self._ema_momentum(), self._grad == "exact",
             self._mode, self._window if self._mode in WINDOWED_MODES else None, self.momentum,
             self._every_micro_batch)[0]
+
+    def _forward_traced(self, x):
+        """``torch.fx`` symbolic tracing (``symbolic_trace``, torchvision's ``create_feature_extractor``)
+        calls the forward with a ``Proxy``: the layer is recorded as one ``call_module`` node, as FX
+        records torch's BatchNorm (a leaf module), so the traced module runs this very layer, which
+        updates its window state as in eager mode. Anything else is an error."""
+        if isinstance(x, torch.fx.Proxy):
+            tracer = x.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+        raise TypeError(f"{type(self).__name__}: expected a tensor, got {type(x).__name__}")
 
     def _forward_eval(self, x):
         """As BatchNorm: the running statistics whenever the layer has them, else the batch alone."""
@@ -334,8 +367,6 @@ class _CrossMiniBatchNorm(_BatchNorm):
 
     def _check_input(self, x):
         name = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
         self._check_input_dim(x)
         dtype = x.dtype
         if not dtype.is_floating_point:
@@ -380,18 +411,44 @@ class _CrossMiniBatchNorm(_BatchNorm):
             *self._tracked_running_stats(), m, mean, var, batch_mean, batch_var, self.mode,
             self.window if self.mode in WINDOWED_MODES else None, self.momentum,
             self._every_micro_batch)
-        self._count_open_micro_batch()
+        self._note_micro_batch()
 
-    def _count_open_micro_batch(self):
-        """Warn once when a ``window=None`` window grows past ``LONG_WINDOW`` micro-batches."""
-        if self._window is None and self._mode in WINDOWED_MODES and not torch.compiler.is_compiling():
-            # Counted on the host: reading window_step would wait for the device at every forward.
-            self._open_micro_batches += 1
-            if self._open_micro_batches == LONG_WINDOW:
+    def _note_micro_batch(self):
+        """Follow a cumulative or deferred window on the host (reading ``window_step`` would wait for the
+        device at every forward), and warn once when it spans a change of the weights or grows past
+        ``LONG_WINDOW`` micro-batches (``window=None``). Nothing under ``torch.compile``."""
+        host = self._host_window
+        if host is None or torch.compiler.is_compiling():  # None: sliding and EMA pool across steps
+            return
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        version = (0 if weight is None else weight._version) + (0 if bias is None else bias._version)
+        if host.position == 0:
+            host.weight, host.bias, host.version = weight, bias, version
+        elif (version != host.version and host.version is not None and weight is host.weight
+              and bias is host.bias):
+            host.version = None  # said once per window at most
+            self._warn_window_spans_update()
+        host.position += 1
+        window = self._window
+        if window is None:
+            if host.position == LONG_WINDOW:
                 _warn_once("long", f"{type(self).__name__} with window=None has pooled {LONG_WINDOW} "
                                    f"micro-batches without end_window(): call cmbn_ext.end_window(model) "
                                    f"after each optimizer step, or set window= to the micro-batches per "
                                    f"step")
+        elif host.position >= window:  # the op commits the window by count
+            host.position = 0
+
+    def _warn_window_spans_update(self):
+        window = self._window
+        size = "window=None, ended only by end_window()" if window is None else f"window={window}"
+        _warn_once("step", f"{type(self).__name__} ({size}) pools micro-batches from before and after a "
+                           f"change of its weight or bias (an optimizer step inside the window), whose "
+                           f"statistics no longer match: end the windows at each optimizer step with "
+                           f"cmbn_ext.end_windows_on_step(optimizer, model) (or cmbn_ext.end_window(model) "
+                           f"after optimizer.step()), or build the layers with window= equal to the "
+                           f"micro-batches per optimizer step (convert_batchnorm's default is window=4)")
 
     @torch.no_grad()
     def end_window(self):
@@ -415,7 +472,7 @@ class _CrossMiniBatchNorm(_BatchNorm):
             else:
                 commit_window(self.window_count, self.window_mean, self.window_var, self.window_step,
                               *self._tracked_running_stats(), self.momentum)
-            self._open_micro_batches = 0
+            self._host_window.position = 0
 
     def _tracked_running_stats(self):
         """The running buffers to update: none once ``track_running_stats`` is off, as in BatchNorm."""
@@ -430,7 +487,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
         starts a new average; the running statistics are kept."""
         for name in WINDOW_BUFFERS:
             getattr(self, name).zero_()
-        self._open_micro_batches = 0
+        if self._host_window is not None:
+            self._host_window.position = 0
         self._checkpoint_history = None
         self._window_agreement.reset()
 
@@ -485,8 +543,9 @@ class _CrossMiniBatchNorm(_BatchNorm):
         # dict without BatchNorm's entries leaves the window as it is.)
         if (foreign and not refused) or (
                 not has_window and self._is_batchnorm_checkpoint(state_dict, prefix, local_metadata)):
+            device = _checkpoint_device(state_dict, prefix, self._buffers["window_mean"].device)
             for name in WINDOW_BUFFERS:
-                state_dict[prefix + name] = torch.zeros_like(getattr(self, name))
+                state_dict[prefix + name] = torch.zeros_like(getattr(self, name), device=device)
         # All or nothing: a checkpoint of another shape must not leave the layer half loaded.
         errors += [
             f"size mismatch for {prefix}{name}: copying a param with shape "
@@ -502,8 +561,16 @@ class _CrossMiniBatchNorm(_BatchNorm):
         if errors:
             error_msgs.extend(errors)
             return
+        before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        step = state_dict.get(prefix + "window_step")
+        host = self._host_window
+        if host is not None and len(error_msgs) == before and isinstance(step, torch.Tensor):
+            # The host follows the loaded window from here; it did not see that window's first
+            # micro-batch, so it cannot tell whether the weights changed since.
+            host.position = 0 if step.is_meta else int(step)
+            host.version = None
 
     def _is_batchnorm_checkpoint(self, state_dict, prefix, local_metadata):
         """Whether a state dict without window state holds this layer as BatchNorm saves it: its running
@@ -549,6 +616,17 @@ def _holds_history(state_dict, prefix):
     if not all(isinstance(t, torch.Tensor) and not t.is_meta for t in (step, count)):
         return True
     return bool(step.any()) or bool(count.any())
+
+
+def _checkpoint_device(state_dict, prefix, default):
+    """The device of a layer's entries in a checkpoint (BatchNorm's parameters and statistics), where
+    its empty window state is made: ``load_state_dict(assign=True)`` into a layer built on the meta
+    device takes the checkpoint's tensors as they are, and the window state must join them."""
+    for name in ("running_mean", "running_var", "weight", "bias", "num_batches_tracked"):
+        tensor = state_dict.get(prefix + name)
+        if isinstance(tensor, torch.Tensor):
+            return tensor.device
+    return default
 
 
 def _world_group(name):

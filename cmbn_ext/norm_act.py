@@ -10,11 +10,11 @@ bare or as a ``functools.partial`` carrying the CmBN options::
 and so does ``convert_batchnorm`` when it meets a timm layer. The layer works without timm too (with an
 activation class rather than a timm activation name).
 """
-import warnings
-
+import torch
 import torch.nn as nn
 
 from .modules import CrossMiniBatchNorm2d
+from .user_warnings import warn
 
 try:
     from timm.layers import create_act_layer, create_norm_act
@@ -47,6 +47,8 @@ class CrossMiniBatchNormAct2d(CrossMiniBatchNorm2d):
         self.act = _activation(act_layer, act_kwargs, inplace) if apply_act else nn.Identity()
 
     def forward(self, x):
+        if not isinstance(x, torch.Tensor):  # FX tracing: one node for the whole layer (or the error)
+            return super().forward(x)
         return self.act(self.drop(super().forward(x)))
 
 
@@ -78,9 +80,9 @@ def _register_with_timm():
         for types in (create_norm_act._NORM_ACT_TYPES, create_norm_act._NORM_ACT_REQUIRES_ARG):
             types.add(CrossMiniBatchNormAct2d)
     except AttributeError:
-        warnings.warn("this timm version builds norm layers differently: its models may refuse "
-                      "norm_layer=CrossMiniBatchNormAct2d; build the model with BatchNorm and "
-                      "cmbn_ext.convert_batchnorm(model) instead", RuntimeWarning)
+        warn("this timm version builds norm layers differently: its models may refuse "
+             "norm_layer=CrossMiniBatchNormAct2d; build the model with BatchNorm and "
+             "cmbn_ext.convert_batchnorm(model) instead", RuntimeWarning)
 
 
 _register_with_timm()

@@ -66,14 +66,20 @@ def test_ema_closed_form_and_eval_uses_the_same_statistics():
         torch.testing.assert_close(y, expected)
         torch.testing.assert_close(layer.running_mean, mean)
         torch.testing.assert_close(layer.running_var, var)  # biased: the same numbers as training
+        assert layer.num_batches_tracked.item() == t + 1  # one per training micro-batch
+        layer(torch.randn(0, 4, 3, 3, dtype=torch.float64))  # an empty one: none
+        assert layer.num_batches_tracked.item() == t + 1
     layer.eval()
     x = batches[-1]
     torch.testing.assert_close(layer(x), y)  # eval normalizes with what the last step used
+    assert layer.num_batches_tracked.item() == len(batches)  # eval counts nothing
     layer.train()
     layer.reset_window()
     torch.testing.assert_close(layer.running_mean, mean)  # kept
+    assert layer.num_batches_tracked.item() == len(batches)
     x = _batches(1)[0]
     torch.testing.assert_close(layer(x), bn_forward(x, layer.weight, layer.bias))  # starts afresh
+    assert layer.num_batches_tracked.item() == len(batches) + 1
 
 
 def test_window_none_accumulates_until_end_window():
@@ -197,7 +203,12 @@ def test_empty_micro_batch(mode):
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
+    # Zeros, not None: the output stays connected to the parameters, so that under DDP this rank
+    # still takes part in their gradient all-reduce.
+    for parameter in (layer.weight, layer.bias):
+        assert parameter.grad is not None and torch.equal(parameter.grad, torch.zeros_like(parameter))
     assert_same_state(before, state_of(layer))
+    assert layer.num_batches_tracked.item() == before["num_batches_tracked"].item()
 
 
 def test_one_value_per_channel():
