@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import emulation
+from cmbn_ext import modules
 
 # CMBN_EMULATED_KERNELS=1 (or asan): the CUDA kernels compiled for the CPU serve CPU tensors in this
 # whole run (tests/emulation), so every layer test checks them too.
@@ -12,6 +13,12 @@ emulation.load_if_requested()
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    """Each test sees the once-per-process warnings (OpenWindowWarning) as a new process would."""
+    monkeypatch.setattr(modules, "_warned", set())
 
 
 def bn_stats(x):

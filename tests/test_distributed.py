@@ -137,6 +137,53 @@ def test_ddp_example_runs_with_gloo():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "step   1  loss" in run.stdout and "held-out accuracy" in run.stdout
+    assert "OpenWindowWarning" not in run.stderr
+
+
+def _ddp_step_warnings_worker(rank, world, store_dir):
+    """DDP over CmBN layers, pooled across the ranks and alone: the README's loop (windows ended at each
+    step) with OpenWindowWarning as an error, then the mistake (3 micro-batches a step, window=4, no
+    ending), whose warnings are recorded."""
+    import warnings
+
+    emulation.load_if_requested()
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
+    said = {}
+    for group in (None, "world"):
+        torch.manual_seed(0)
+        model = cmbn_ext.convert_batchnorm(torch.nn.Sequential(
+            torch.nn.Conv2d(3, C, 1), torch.nn.BatchNorm2d(C), torch.nn.ReLU(), torch.nn.Flatten(),
+            torch.nn.Linear(C * 4, 2)), window=4, process_group=group)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        handle = cmbn_ext.end_windows_on_step(optimizer, model)
+        cmbn_ext.modules._warned.clear()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            warnings.simplefilter("error", cmbn_ext.OpenWindowWarning)
+            for per_step in (4, 3, 4, 2):
+                for _ in range(per_step):
+                    ddp(torch.randn(2, 3, 2, 2)).square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            handle.remove()
+            warnings.simplefilter("always")
+            for _ in range(3):
+                for _ in range(3):
+                    ddp(torch.randn(2, 3, 2, 2)).square().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        said[group] = [str(w.message) for w in record if issubclass(w.category, cmbn_ext.OpenWindowWarning)]
+    torch.save(said, os.path.join(store_dir, f"said{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_windows_ended_at_each_step_are_not_warned(tmp_path):
+    mp.start_processes(_ddp_step_warnings_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        said = torch.load(tmp_path / f"said{rank}.pt")
+        for group in (None, "world"):  # the correct loop raised nothing; the mistake is said once
+            assert len(said[group]) == 1 and "end_windows_on_step" in said[group][0], (rank, group)
 
 
 def test_world_before_init_process_group_is_a_clear_error():

@@ -1,6 +1,7 @@
 """Drop-in for torch's BatchNorm where a model or a training stack meets it: constructor arguments and
 their checks, dtype rules, materialization from the meta device, BatchNorm checkpoints, SyncBatchNorm
 and other BatchNorm subclasses in convert_batchnorm, and the warnings about windows left open."""
+import copy
 import inspect
 import io
 import warnings
@@ -22,12 +23,6 @@ LAYERS = {  # CmBN layer -> (torch's layer, an input)
 # a new torch adds fails the signature test below until it is accepted and listed here.
 OTHER_VALUES = {"eps": 1e-3, "momentum": None, "affine": False, "track_running_stats": False,
                 "device": "meta", "dtype": torch.float64, "bias": False, "process_group": None}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings(monkeypatch):
-    """Each test sees the once-per-process warnings as a new process would."""
-    monkeypatch.setattr(modules, "_warned", set())
 
 
 def _same_layer(ours, theirs):
@@ -157,6 +152,62 @@ def test_materialized_from_meta_starts_clean(mode, reset):
     assert_same_state(state_of(fresh), state_of(layer))
 
 
+def _small(**options):
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4, **options))
+
+
+def _assert_real_and_loaded(model, checkpoint):
+    """Every parameter and buffer is a real tensor on the checkpoint's device, holding its value."""
+    state = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert state.keys() == checkpoint.keys()
+    for name, tensor in state.items():
+        assert not tensor.is_meta and tensor.device == checkpoint[name].device, name
+        assert torch.equal(tensor, checkpoint[name]), name
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema", "deferred"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_checkpoint_assigned_into_a_model_built_on_meta(mode, affine):
+    """How large-model loaders materialize weights: build on the meta device, then
+    load_state_dict(assign=True) takes the checkpoint's tensors; the window state, which a BatchNorm
+    checkpoint lacks, is made empty next to them."""
+    batchnorm = _small(affine=affine)
+    batchnorm(torch.randn(4, 3, 2, 2))
+    with torch.device("meta"):
+        model = cmbn_ext.convert_batchnorm(_small(affine=affine), mode=mode, window=3)
+    model.load_state_dict(batchnorm.state_dict(), strict=True, assign=True)
+    built = cmbn_ext.convert_batchnorm(copy.deepcopy(batchnorm), mode=mode, window=3)  # the same, eagerly
+    _assert_real_and_loaded(model, built.state_dict())
+    for layer in (model[1], model[4]):
+        assert layer.window_step.item() == 0 and layer.window_count.sum().item() == 0
+    for _ in range(4):
+        x = torch.randn(2, 3, 2, 2)
+        assert torch.equal(model(x), built(x))
+    assert_same_state(state_of(built), state_of(model))
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "sliding", "ema", "deferred"])
+def test_cmbn_checkpoint_assigned_into_a_model_built_on_meta(mode):
+    """The same with a CmBN checkpoint saved mid-window: the window state comes from it, and the model
+    continues bit for bit."""
+    model = cmbn_ext.convert_batchnorm(_small(), mode=mode, window=3)
+    for _ in range(2):
+        model(torch.randn(2, 3, 2, 2))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    with torch.device("meta"):
+        loaded = cmbn_ext.convert_batchnorm(_small(), mode=mode, window=3)
+    loaded.load_state_dict(checkpoint, strict=True, assign=True)
+    _assert_real_and_loaded(loaded, checkpoint)
+    for _ in range(4):
+        x = torch.randn(2, 3, 2, 2)
+        assert torch.equal(loaded(x), model(x))
+    assert_same_state(state_of(model), state_of(loaded))
+
+
 # ------------------------------------------------------------------------------ BatchNorm checkpoints
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track_running_stats", [True, False])
@@ -240,7 +291,7 @@ def test_other_batchnorm_subclasses_are_named_in_one_warning():
                                 torch.nn.Sequential(FrozenStatsBatchNorm2d(4)), torch.nn.LazyBatchNorm2d())
     with pytest.warns(UserWarning) as record:
         cmbn_ext.convert_batchnorm(model)
-    assert len(record) == 1
+    assert len(record) == 1 and record[0].filename == __file__  # the caller's line
     message = str(record[0].message)
     assert "FrozenStatsBatchNorm2d (2)" in message and "LazyBatchNorm2d (1)" in message
     assert "convert_batchnorm left 3 layer(s)" in message
@@ -294,6 +345,7 @@ def test_eval_with_an_open_window_is_said_once():
         model.eval()
     said = _open_window_warnings(record)
     assert len(said) == 1 and "open window of 1 micro-batch" in str(said[0].message)
+    assert said[0].filename == __file__  # model.eval()'s line, below Module.train of each parent
 
 
 def test_a_window_none_that_grows_without_end_is_said_once(monkeypatch):
@@ -308,6 +360,7 @@ def test_a_window_none_that_grows_without_end_is_said_once(monkeypatch):
             model(torch.randn(2, 3, 4, 4))
     said = _open_window_warnings(record)
     assert len(said) == 1 and "without end_window()" in str(said[0].message)
+    assert said[0].filename == __file__
 
 
 @pytest.mark.parametrize("options", [dict(window=2), dict(window=None), dict(mode="sliding", window=2),
@@ -330,3 +383,96 @@ def test_correct_loops_are_not_warned(monkeypatch, options):
             model(torch.randn(2, 3, 4, 4))
             model.train()
     assert not _open_window_warnings(record)
+
+
+# --------------------------------------------------------------- a window that spans an optimizer step
+def _train(model, steps, per_step, end_windows=False, parameters=None):
+    """``steps`` optimizer steps of ``per_step`` micro-batches each; the windows are ended after each
+    step only with ``end_windows``."""
+    optimizer = torch.optim.SGD(model.parameters() if parameters is None else parameters, lr=0.1,
+                                momentum=0.9)
+    for _ in range(steps):
+        for _ in range(per_step):
+            model(torch.randn(2, 3, 4, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if end_windows:
+            cmbn_ext.end_window(model)
+
+
+@pytest.mark.parametrize("options", [dict(window=4), dict(window=None), dict(mode="deferred", window=4),
+                                     dict(window=4, running_stats="micro_batch")])
+def test_a_window_across_an_optimizer_step_is_said_once(options):
+    """The mistake: 3 micro-batches per step with window=4 (or window=None) and nothing that ends the
+    windows at the step. The weights change inside a window, and the layer says so, once, at the
+    forward that finds them changed, naming the fixes."""
+    model = _model(**options)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _train(model, 1, 3)
+        assert not _open_window_warnings(record)  # the first step's micro-batches: one set of weights
+        _train(model, 4, 3)
+    said = _open_window_warnings(record)
+    assert len(said) == 1, [str(w.message) for w in said]
+    message = str(said[0].message)
+    assert "end_windows_on_step" in message and "window= equal to the micro-batches per optimizer step" \
+        in message
+    assert said[0].filename == __file__  # the model(...) line, below Sequential and Module.__call__
+
+
+@pytest.mark.parametrize("trained", ["weight", "bias"])
+def test_a_change_of_the_weight_or_the_bias_alone_is_found(trained):
+    model = _model(window=4)
+    layers = [model[1], model[3]]
+    _train(model, 3, 3, parameters=[getattr(layer, trained) for layer in layers])
+    # (the other parameters never change: only the trained one can tell)
+    with pytest.warns(cmbn_ext.OpenWindowWarning, match="end_windows_on_step"):
+        _train(model, 1, 1, parameters=[getattr(layer, trained) for layer in layers])
+
+
+@pytest.mark.parametrize("options", [dict(mode="sliding", window=4), dict(mode="ema", momentum=0.4),
+                                     dict(window=4, affine=False)])
+def test_no_step_warning_where_history_may_span_steps_or_nothing_can_change(options):
+    """Sliding and EMA history spans optimizer steps by design; a layer without affine parameters has
+    nothing to tell a step by."""
+    options = dict(options)
+    affine = options.pop("affine", True)
+    model = cmbn_ext.convert_batchnorm(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, affine=affine), torch.nn.ReLU(),
+        torch.nn.BatchNorm2d(4, affine=affine)), **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cmbn_ext.OpenWindowWarning)
+        _train(model, 4, 3)
+
+
+def test_no_step_warning_for_frozen_affine_parameters():
+    model = _model(window=4)
+    for layer in (model[1], model[3]):
+        layer.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cmbn_ext.OpenWindowWarning)
+        _train(model, 4, 3)  # the conv trains: the statistics change, but not the layers' own weights
+
+
+@pytest.mark.parametrize("per_step", [3, 4, 5])
+def test_no_step_warning_when_the_windows_end_with_the_step(per_step):
+    """The README's loop: window=4 and end_windows_on_step, with steps of 3, 4 and 5 micro-batches (the
+    count commits a window inside a step of 5, and the step ends the rest); also a window ended by hand
+    and one that is a copy or a checkpoint of a model in mid-window."""
+    model = _model(window=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = cmbn_ext.end_windows_on_step(optimizer, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cmbn_ext.OpenWindowWarning)
+        for _ in range(3):
+            for _ in range(per_step):
+                model(torch.randn(2, 3, 4, 4)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        handle.remove()
+        model(torch.randn(2, 3, 4, 4))  # mid-window
+        copied = copy.deepcopy(model)  # new parameters, with new version counters
+        loaded = _model(window=4)
+        loaded.load_state_dict(model.state_dict())
+        for other in (copied, loaded):
+            _train(other, 2, 1, end_windows=True)

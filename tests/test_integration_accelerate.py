@@ -11,6 +11,9 @@ import cmbn_ext  # noqa: E402
 from accumulation import (InputRecorder, assert_committed, cmbn_layer, micro_batch_loader,  # noqa: E402
                           tiny_model, window_sizes)
 
+# A window left open across an optimizer step (or at eval()) is an error.
+pytestmark = pytest.mark.filterwarnings("error::cmbn_ext.OpenWindowWarning")
+
 NUM_BATCHES, ACCUMULATE, EPOCHS = 10, 4, 2
 
 

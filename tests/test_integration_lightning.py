@@ -12,9 +12,10 @@ from accumulation import (InputRecorder, assert_committed, cmbn_layer, micro_bat
                           tiny_model, window_sizes)
 from cmbn_ext.integrations.lightning import CmBNCallback  # noqa: E402
 
-# Lightning's advice for real runs (more dataloader workers, a logger, ...) is noise here.
+# Lightning's advice for real runs (more dataloader workers, a logger, ...) is noise here; a window
+# left open across a step or at eval() is an error.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
-                                        "ignore::FutureWarning")
+                                        "ignore::FutureWarning", "error::cmbn_ext.OpenWindowWarning")
 
 
 class TinyModule(pl.LightningModule):

@@ -14,6 +14,9 @@ from accumulation import (InputRecorder, assert_committed, cmbn_layer, micro_bat
                           tiny_model, window_sizes)
 from cmbn_ext.integrations.mmengine import CmBNHook  # noqa: E402
 
+# A window left open across an optimizer step (or at eval()) is an error.
+pytestmark = pytest.mark.filterwarnings("error::cmbn_ext.OpenWindowWarning")
+
 
 @pytest.fixture
 def mmcv_cnn():

@@ -11,6 +11,7 @@ import importlib.util
 import multiprocessing
 import os
 import types
+import warnings
 
 import pytest
 import torch
@@ -47,6 +48,8 @@ def train(root, convert_before_ema):
     import cmbn_ext
     from accumulation import InputRecorder
     from cmbn_ext.integrations.ultralytics import add_cmbn_callbacks
+
+    warnings.simplefilter("error", cmbn_ext.OpenWindowWarning)  # a window open across a step fails
 
     class ConvertingTrainer(DetectionTrainer):
         """A trainer whose model has CmBN layers before the EMA copies it."""

@@ -61,3 +61,5 @@ def test_snippet_runs_as_written(line, code, tmp_path):
                             env=dict(os.environ, **TORCHRUN), timeout=600)
     assert result.returncode == 0, (f"the snippet at README line {line} failed:\n{code}\n"
                                     f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    # The loops the README shows keep their windows within an optimizer step: no OpenWindowWarning.
+    assert "OpenWindowWarning" not in result.stderr, result.stderr[-5000:]
