@@ -88,7 +88,8 @@ def convert_batchnorm(module, **kwargs):
     between several places. ``kwargs`` are the CmBN options (``mode``, ``window``, ``grad``,
     ``process_group``); they may also set ``momentum`` or ``eps`` anew (EMA mode takes its weight from
     ``momentum``), and ``device`` and ``dtype`` for layers without tensors of their own
-    (``affine=False`` and no running statistics).
+    (``affine=False`` and no running statistics). ``window`` is the layers' default, 4, unless given:
+    set it to the micro-batches per optimizer step (a window that spans a step is warned about).
 
     Only those exact classes are converted: other subclasses of BatchNorm may carry behaviour of their
     own, and one warning lists the ones left as they are. Returns the converted module (a new one when

@@ -7,8 +7,9 @@ and printing) and add the window state of SPEC section 5 as four buffers, ``wind
 counterpart of timm's ``BatchNormAct2d``.
 
 A training forward is one op, ``cmbn_train_forward``: the normalization and the update of the buffers,
-with its autograd in C++ when the extension is built. The Python forward around it does no more per call
-than BatchNorm's (options are checked when set, buffers read from the module's dicts), and nothing
+with its autograd in C++ when the extension is built. The Python forward around it does little more per
+call than BatchNorm's (options are checked when set, buffers read from the module's dicts; a cumulative
+or deferred window is followed on the host, with the parameters' version counters), and nothing
 branches in Python on a tensor's value, so a model that contains the layer compiles with
 ``torch.compile(fullgraph=True)`` (a layer without a ``process_group``). The distributed path reads
 no tensor on the host either: the group's count stays on the device through the state update, and the
@@ -152,9 +153,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
     are fixed at construction, and so is ``window`` in sliding mode. As in BatchNorm, the parameters
     and running statistics must have the input's dtype, or be fp32 for fp16/bf16 input (autocast).
 
-    A cumulative or deferred window still open at ``eval()`` (its micro-batches are not in the running
+    A cumulative or deferred window that spans a change of ``weight`` or ``bias`` (an optimizer step
+    inside the window), one still open at ``eval()`` (its micro-batches are not in the running
     statistics), and a ``window=None`` window of ``LONG_WINDOW`` micro-batches (a forgotten
     ``end_window()``), each give an ``OpenWindowWarning``, once per process.
+
+    ``torch.fx`` tracing records the layer as one ``call_module`` node, as it records BatchNorm.
     """
 
     _version = 2
