@@ -476,3 +476,20 @@ def test_no_step_warning_when_the_windows_end_with_the_step(per_step):
         loaded.load_state_dict(model.state_dict())
         for other in (copied, loaded):
             _train(other, 2, 1, end_windows=True)
+
+
+@pytest.mark.parametrize("checkpoint", ["batchnorm", "cmbn"])
+def test_no_step_warning_after_a_checkpoint_loaded_mid_window(checkpoint):
+    """Loading writes the parameters in place and replaces the window: the layer follows the loaded
+    window from there, instead of taking the load for a step inside its own window."""
+    source = _model(window=4)
+    source(torch.randn(2, 3, 4, 4))  # a window of 1 in the CmBN checkpoint
+    if checkpoint == "batchnorm":
+        source = cmbn_ext.revert_to_batchnorm(source)
+    model = _model(window=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cmbn_ext.OpenWindowWarning)
+        for _ in range(2):
+            model(torch.randn(2, 3, 4, 4))
+        model.load_state_dict(source.state_dict())
+        _train(model, 3, 3, end_windows=True)
