@@ -422,12 +422,16 @@ def test_a_window_across_an_optimizer_step_is_said_once(options):
 
 @pytest.mark.parametrize("trained", ["weight", "bias"])
 def test_a_change_of_the_weight_or_the_bias_alone_is_found(trained):
+    """Only one of the layers' parameters is trained: the other never changes and cannot tell."""
     model = _model(window=4)
-    layers = [model[1], model[3]]
-    _train(model, 3, 3, parameters=[getattr(layer, trained) for layer in layers])
-    # (the other parameters never change: only the trained one can tell)
-    with pytest.warns(cmbn_ext.OpenWindowWarning, match="end_windows_on_step"):
-        _train(model, 1, 1, parameters=[getattr(layer, trained) for layer in layers])
+    parameters = [getattr(layer, trained) for layer in (model[1], model[3])]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _train(model, 1, 3, parameters=parameters)  # a step inside the window, after 3 micro-batches
+        assert not _open_window_warnings(record)
+        model(torch.randn(2, 3, 4, 4))  # the window's 4th finds the change
+    said = _open_window_warnings(record)
+    assert len(said) == 1 and "end_windows_on_step" in str(said[0].message)
 
 
 @pytest.mark.parametrize("options", [dict(mode="sliding", window=4), dict(mode="ema", momentum=0.4),
