@@ -436,7 +436,7 @@ void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
     void* kernel_args[] = {&args, &residency};
     const cudaError_t status = cudaLaunchCooperativeKernel(
         &cmbn_backward_held_kernel<scalar_t, acc_t, L, VEC>, grid, block, kernel_args, 0, stream);
-    if (!cooperative_launch_refused(status)) {
+    if (!cooperative_launch_refused(status, stream, "cmbn_backward", geo)) {
       C10_CUDA_CHECK(status);
       return;
     }

@@ -447,7 +447,7 @@ void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, c
     void* kernel_args[] = {&args, &residency};
     const cudaError_t status = cudaLaunchCooperativeKernel(
         &cmbn_forward_held_kernel<scalar_t, acc_t, L, VEC>, grid, block, kernel_args, 0, stream);
-    if (!cooperative_launch_refused(status)) {
+    if (!cooperative_launch_refused(status, stream, "cmbn_forward", geo)) {
       C10_CUDA_CHECK(status);
       return;
     }
