@@ -12,8 +12,9 @@ then ``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with a
 
 The schemas are defined here, once. ``reference.py`` implements every op on the CPU, and on CUDA for
 each op the compiled extension has no kernel for; the same ops named ``cmbn_ext_reference::*`` serve
-the tensors of a GPU the compiled extension holds no kernel image for (it calls them itself). Fakes make the ops traceable by ``torch.compile``.
-All ops but ``cmbn_update_state`` and ``cmbn_train_forward`` are functional.
+the tensors of a GPU the compiled extension holds no kernel image for (it calls them itself). Fakes
+make the ops traceable by ``torch.compile``. All ops but ``cmbn_update_state`` and
+``cmbn_train_forward`` are functional.
 """
 import importlib
 import os
@@ -190,14 +191,20 @@ for _name, _function in REFERENCE.items():
 
 
 def _no_kernel_image(x):
+    """cmbn_kernel_image where the compiled kernels do not serve the device."""
     return False
 
+
+_lib.impl("cmbn_kernel_image", _no_kernel_image, "CPU")
+if not torch._C._dispatch_has_kernel_for_dispatch_key("cmbn_ext::cmbn_kernel_image", "CUDA"):
+    _lib.impl("cmbn_kernel_image", _no_kernel_image, "CUDA")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
 def _warn_no_kernel_image(x, message):
+    """The compiled library's warning for a GPU it holds no kernel image for, as a Python warning."""
     frame, stacklevel = sys._getframe(1), 2  # point at the first caller outside cmbn_ext and torch
     while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, stacklevel = frame.f_back, stacklevel + 1
@@ -207,11 +214,6 @@ def _warn_no_kernel_image(x, message):
 for _key in ("CPU", "CUDA"):
     _reference_lib.impl("warn_no_kernel_image", _warn_no_kernel_image, _key)
 _reference_lib.impl("warn_no_kernel_image", torch.library.fallthrough_kernel, "Autograd")
-
-
-_lib.impl("cmbn_kernel_image", _no_kernel_image, "CPU")
-if not torch._C._dispatch_has_kernel_for_dispatch_key("cmbn_ext::cmbn_kernel_image", "CUDA"):
-    _lib.impl("cmbn_kernel_image", _no_kernel_image, "CUDA")
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_forward")
