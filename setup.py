@@ -2,7 +2,10 @@
 
 ``CMBN_BUILD_CUDA=1`` compiles the kernels even without a GPU (they need nvcc and a CUDA build of
 torch); ``CMBN_BUILD_CUDA=0`` never compiles them; unset, they are built when a GPU is visible.
-``TORCH_CUDA_ARCH_LIST`` picks the architectures (default: 8.0, 8.6, 9.0 and PTX).
+``TORCH_CUDA_ARCH_LIST`` picks the architectures; unset, the build compiles for the architectures of
+the visible GPUs (as torch's extension builder does), or, with none visible, for every architecture
+the installed nvcc compiles for from 7.0 to 9.0, plus PTX for 9.0 that newer GPUs compile when they
+load it (``cuda_arch_list``). The choice is printed.
 
 The kernels compile against the torch already installed, which pip's build isolation hides (it builds
 in a fresh environment with only the build requirements): ``pip install --no-build-isolation -e .``
@@ -12,11 +15,18 @@ the build stops and says what to run.
 import glob
 import importlib.util
 import os
+import re
+import subprocess
 import sys
 
 from setuptools import setup
 
-DEFAULT_ARCHS = "8.0;8.6;9.0+PTX"
+# Without a visible GPU: every architecture nvcc compiles for in this range (7.0 needs nvcc 12 or older;
+# nvcc 13 starts at 7.5), and PTX for the newest, which GPUs after it compile when they load it.
+OLDEST_ARCH = (7, 0)
+NEWEST_ARCH = (9, 0)
+# When nvcc cannot say what it supports: the architectures every nvcc from 11.8 to 13 compiles for.
+FALLBACK_ARCHS = [(7, 5), (8, 0), (8, 6), (9, 0)]
 NO_TORCH = ("torch is not importable in this build environment. pip builds in an isolated environment "
             "without your torch unless told otherwise: install torch first (pip install torch), then "
             "run pip install --no-build-isolation -e .")
@@ -31,6 +41,68 @@ def _pip_cuda_includes():
     spec = importlib.util.find_spec("nvidia")
     roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
     return [path for root in roots for path in glob.glob(os.path.join(root, "cu*", "include"))]
+
+
+def nvcc_architectures(cuda_home):
+    """(major, minor) of each real architecture the toolkit's nvcc compiles for (``--list-gpu-arch``),
+    or [] when nvcc cannot say."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        listing = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = re.findall(r"compute_(\d+)\b", listing)  # compute_90a and the like are not real targets
+    return sorted({(int(digits[:-1]), int(digits[-1])) for digits in found})
+
+
+def visible_gpu_architectures(torch):
+    """(major, minor) of each GPU this build environment sees."""
+    if not torch.cuda.is_available():
+        return []
+    return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
+def _versions(archs):
+    return ";".join(f"{major}.{minor}" for major, minor in archs)
+
+
+def _arch_text(archs):
+    return _versions(archs) + "+PTX"
+
+
+def cuda_arch_list(visible, supported):
+    """TORCH_CUDA_ARCH_LIST for a build that does not set it, and a line that says why.
+
+    ``visible``: the architectures of the visible GPUs; ``supported``: those nvcc compiles for. With
+    GPUs visible, theirs (a GPU newer than nvcc knows gets nvcc's newest, whose PTX it compiles), as
+    torch's extension builder chooses; else every architecture nvcc supports from OLDEST_ARCH to
+    NEWEST_ARCH. PTX for the newest of the list.
+    """
+    newest = max(supported) if supported else None
+    usable = sorted({min(arch, newest) if newest else arch for arch in visible
+                     if not supported or arch >= min(supported)})
+    too_old = [arch for arch in visible if supported and arch < min(supported)]
+    note = (f"; this nvcc cannot compile for {_versions(too_old)} (nvcc 12 still does): those GPUs "
+            "use the pure-PyTorch implementation" if too_old else "")
+    if usable:
+        return _arch_text(usable), f"the visible GPUs' architectures{note}"
+    in_range = [arch for arch in supported if OLDEST_ARCH <= arch <= NEWEST_ARCH]
+    if in_range:
+        why = "no GPU visible" if not visible else "no visible GPU that this nvcc compiles for"
+        return (_arch_text(in_range), f"{why}: every architecture this nvcc compiles for from "
+                f"{OLDEST_ARCH[0]}.{OLDEST_ARCH[1]} to {NEWEST_ARCH[0]}.{NEWEST_ARCH[1]}, PTX for the "
+                f"newest{note}")
+    return _arch_text(FALLBACK_ARCHS), f"nvcc did not list its architectures: a common set{note}"
+
+
+def chosen_arch_list(torch, cuda_home):
+    """TORCH_CUDA_ARCH_LIST as set, else ``cuda_arch_list`` for this machine; and a line that says why."""
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if given:
+        return given, "TORCH_CUDA_ARCH_LIST as set"
+    archs, why = cuda_arch_list(visible_gpu_architectures(torch), nvcc_architectures(cuda_home))
+    return archs, f"TORCH_CUDA_ARCH_LIST unset: {why}"
 
 
 def cuda_extension():
@@ -58,9 +130,10 @@ def cuda_extension():
             raise RuntimeError("CMBN_BUILD_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
         _say("no CUDA toolkit found (set CUDA_HOME): building the pure-PyTorch package")
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    _say(f"compiling the CUDA kernels with {CUDA_HOME} for TORCH_CUDA_ARCH_LIST="
-         f"{os.environ['TORCH_CUDA_ARCH_LIST']}: {', '.join(sources)}")
+    archs, why = chosen_arch_list(torch, CUDA_HOME)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch's extension builder compiles for
+    _say(f"compiling the CUDA kernels with {CUDA_HOME} for TORCH_CUDA_ARCH_LIST={archs} ({why}): "
+         f"{', '.join(sources)}")
     extension = CUDAExtension(
         "cmbn_ext._C",
         sources,

@@ -11,61 +11,69 @@ then ``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with a
 (``window_state.py``).
 
 The schemas are defined here, once. ``reference.py`` implements every op on the CPU, and on CUDA for
-each op the compiled extension has no kernel for. Fakes make the ops traceable by ``torch.compile``.
-All ops but ``cmbn_update_state`` and ``cmbn_train_forward`` are functional.
+each op the compiled extension has no kernel for; the same ops named ``cmbn_ext_reference::*`` serve
+the tensors of a GPU the compiled extension holds no kernel image for (it calls them itself). Fakes
+make the ops traceable by ``torch.compile``. All ops but ``cmbn_update_state`` and
+``cmbn_train_forward`` are functional.
 """
 import importlib
 import os
 import importlib.util
+import sys
 import warnings
 
 import torch
 
 from . import reference, window_state
 
+# The ops that compute (the reference implements each; so do the compiled kernels).
+SCHEMAS = {
+    "cmbn_forward": (
+        "(Tensor x, Tensor? weight, Tensor? bias, Tensor history_count, Tensor history_mean, "
+        "Tensor history_var, float eps, float? ema_momentum, bool exact_grad) "
+        "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"),
+    "cmbn_backward": (
+        "(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor var, Tensor batch_mean, "
+        "Tensor batch_var, Tensor b, float eps, bool exact_grad) "
+        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"),
+    "cmbn_batch_stats": "(Tensor x) -> (Tensor batch_mean, Tensor batch_var)",
+    "cmbn_pooled_forward": (
+        "(Tensor x, Tensor? weight, Tensor? bias, Tensor count, Tensor batch_mean, "
+        "Tensor batch_var, Tensor history_count, Tensor history_mean, Tensor history_var, float eps, "
+        "float? ema_momentum) -> (Tensor y, Tensor mean, Tensor var, Tensor b)"),
+    "cmbn_backward_sums": "(Tensor grad_y, Tensor x, Tensor batch_mean) -> (Tensor sum_dy, Tensor sum_dy_xc)",
+    "cmbn_backward_dx": (
+        "(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor var, "
+        "Tensor batch_mean, Tensor batch_var, Tensor b, Tensor sum_dy, Tensor sum_dy_xc, Tensor count, "
+        "float eps, bool exact_grad) -> Tensor grad_x"),
+    "cmbn_update_state": (
+        "(Tensor(a!) window_count, Tensor(b!) window_mean, Tensor(c!) window_var, "
+        "Tensor(d!) window_step, Tensor(e!)? running_mean, Tensor(f!)? running_var, "
+        "Tensor(g!)? num_batches_tracked, Tensor m, Tensor mean, Tensor var, Tensor batch_mean, "
+        "Tensor batch_var, str layer_mode, int? window, float? momentum, "
+        "bool every_micro_batch=False) -> ()"),
+    "cmbn_train_forward": (
+        "(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) window_count, "
+        "Tensor(b!) window_mean, Tensor(c!) window_var, Tensor(d!) window_step, "
+        "Tensor(e!)? running_mean, Tensor(f!)? running_var, Tensor(g!)? num_batches_tracked, float eps, "
+        "float? ema_momentum, bool exact_grad, str layer_mode, int? window, float? momentum, "
+        "bool every_micro_batch=False) "
+        "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"),
+}
 _lib = torch.library.Library("cmbn_ext", "DEF")
-_lib.define(
-    "cmbn_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor history_count, Tensor history_mean, "
-    "Tensor history_var, float eps, float? ema_momentum, bool exact_grad) "
-    "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"
-)
-_lib.define(
-    "cmbn_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor var, Tensor batch_mean, "
-    "Tensor batch_var, Tensor b, float eps, bool exact_grad) "
-    "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"
-)
-_lib.define("cmbn_batch_stats(Tensor x) -> (Tensor batch_mean, Tensor batch_var)")
-_lib.define(
-    "cmbn_pooled_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor count, Tensor batch_mean, "
-    "Tensor batch_var, Tensor history_count, Tensor history_mean, Tensor history_var, float eps, "
-    "float? ema_momentum) -> (Tensor y, Tensor mean, Tensor var, Tensor b)"
-)
-_lib.define("cmbn_backward_sums(Tensor grad_y, Tensor x, Tensor batch_mean) "
-            "-> (Tensor sum_dy, Tensor sum_dy_xc)")
-_lib.define(
-    "cmbn_backward_dx(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor var, "
-    "Tensor batch_mean, Tensor batch_var, Tensor b, Tensor sum_dy, Tensor sum_dy_xc, Tensor count, "
-    "float eps, bool exact_grad) -> Tensor grad_x"
-)
-
-_lib.define(
-    "cmbn_update_state(Tensor(a!) window_count, Tensor(b!) window_mean, Tensor(c!) window_var, "
-    "Tensor(d!) window_step, Tensor(e!)? running_mean, Tensor(f!)? running_var, "
-    "Tensor(g!)? num_batches_tracked, Tensor m, Tensor mean, Tensor var, Tensor batch_mean, "
-    "Tensor batch_var, str layer_mode, int? window, float? momentum, "
-    "bool every_micro_batch=False) -> ()"
-)
-_lib.define(
-    "cmbn_train_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) window_count, "
-    "Tensor(b!) window_mean, Tensor(c!) window_var, Tensor(d!) window_step, "
-    "Tensor(e!)? running_mean, Tensor(f!)? running_var, Tensor(g!)? num_batches_tracked, float eps, "
-    "float? ema_momentum, bool exact_grad, str layer_mode, int? window, float? momentum, "
-    "bool every_micro_batch=False) "
-    "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"
-)
-
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
 # What cmbn_forward (backward=False) or cmbn_backward launches for x: kernel_plan.py reads the integers.
 _lib.define("cmbn_kernel_plan(Tensor x, bool backward) -> int[]")
+# Whether the compiled kernels run on x's device (has_cuda_kernels): they hold an image for its GPU.
+_lib.define("cmbn_kernel_image(Tensor x) -> bool")
+# The reference under names of its own: the compiled library calls cmbn_ext_reference::<op> for the
+# tensors of a GPU it holds no kernel image for (csrc/register_cuda.cpp).
+_reference_lib = torch.library.Library("cmbn_ext_reference", "DEF")
+for _name, _schema in SCHEMAS.items():
+    _reference_lib.define(_name + _schema)
+# The warning it gives once per such GPU, raised here so that Python's warning filters see it.
+_reference_lib.define("warn_no_kernel_image(Tensor x, str message) -> ()")
 
 
 def _load_kernels():
@@ -89,9 +97,31 @@ def _load_kernels():
 _HAS_KERNELS = _load_kernels()
 
 
-def has_cuda_kernels():
-    """True when the compiled CUDA kernels are loaded and serve CUDA tensors."""
-    return _HAS_KERNELS
+def has_cuda_kernels(device=None):
+    """True when the compiled CUDA kernels serve CUDA tensors on ``device`` (an index, a string or a
+    ``torch.device``; None: the current CUDA device).
+
+    False when they are not loaded, or when they hold no kernel image for that GPU's architecture
+    (they were built for others): its tensors then take the pure-PyTorch path, with a warning that
+    says how to rebuild. With no device given and no GPU visible: whether they are loaded.
+    """
+    if not _HAS_KERNELS:
+        return False
+    if device is None:
+        if not torch.cuda.is_available():
+            return True
+        device = torch.cuda.current_device()
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _kernel_image(device)
+
+
+def _kernel_image(device):
+    """The compiled library's answer for ``device`` (a CUDA device with an index)."""
+    return torch.ops.cmbn_ext.cmbn_kernel_image(torch.empty(0, device=device))
 
 
 def _reference_forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
@@ -153,6 +183,37 @@ for _name, _function in REFERENCE.items():
         # Not differentiable themselves: autograd passes straight through to the kernels
         # (CrossMiniBatchNormFunction and distributed.py differentiate the layer).
         _lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+    # Called from inside the compiled ops (below autograd, which they handle): the CPU stands for the
+    # device under the emulated kernels (tests/emulation).
+    for _key in ("CPU", "CUDA"):
+        _reference_lib.impl(_name, _function, _key)
+    _reference_lib.impl(_name, torch.library.fallthrough_kernel, "Autograd")
+
+
+def _no_kernel_image(x):
+    """cmbn_kernel_image where the compiled kernels do not serve the device."""
+    return False
+
+
+_lib.impl("cmbn_kernel_image", _no_kernel_image, "CPU")
+if not torch._C._dispatch_has_kernel_for_dispatch_key("cmbn_ext::cmbn_kernel_image", "CUDA"):
+    _lib.impl("cmbn_kernel_image", _no_kernel_image, "CUDA")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _warn_no_kernel_image(x, message):
+    """The compiled library's warning for a GPU it holds no kernel image for, as a Python warning."""
+    frame, stacklevel = sys._getframe(1), 2  # point at the first caller outside cmbn_ext and torch
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+for _key in ("CPU", "CUDA"):
+    _reference_lib.impl("warn_no_kernel_image", _warn_no_kernel_image, _key)
+_reference_lib.impl("warn_no_kernel_image", torch.library.fallthrough_kernel, "Autograd")
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_forward")

@@ -369,16 +369,19 @@ __global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
   __syncthreads();
 
   const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(block);
+  // The store walks the same packs again: their offsets, validity and masks are rebuilt here rather
+  // than kept live in registers across the reduction and the grid barrier.
   Walker<L, VEC> walker(geo, group, split);
   int64_t offset[kUnroll];
-  bool any[kUnroll];
+  bool valid_again[kUnroll];
 #pragma unroll
   for (int r = 0; r < kRounds; ++r) {
-    if (!walker.next(offset, any)) break;
+    if (!walker.next(offset, valid_again)) break;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (valid[r][u]) {
-        store_walked<L, VEC>(args.grad_x, offset[u], keep[r][u], grad_input(held_x[r][u], held_dy[r][u]));
+      if (valid_again[u]) {
+        store_walked<L, VEC>(args.grad_x, offset[u], walker.kept(u),
+                             grad_input(held_x[r][u], held_dy[r][u]));
       }
     }
   }
@@ -433,7 +436,7 @@ void launch_backward(BackwardArgs<scalar_t, acc_t> args, const LayoutInfo& info,
     void* kernel_args[] = {&args, &residency};
     const cudaError_t status = cudaLaunchCooperativeKernel(
         &cmbn_backward_held_kernel<scalar_t, acc_t, L, VEC>, grid, block, kernel_args, 0, stream);
-    if (!cooperative_launch_refused(status)) {
+    if (!cooperative_launch_refused(status, stream, "cmbn_backward", geo)) {
       C10_CUDA_CHECK(status);
       return;
     }

@@ -378,16 +378,18 @@ __global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
   block.finalize(/*given=*/false);
   __syncthreads();
 
+  // The store walks the same packs again: their offsets, validity and masks are rebuilt here rather
+  // than kept live in registers across the reduction and the grid barrier.
   const Normalizer<scalar_t, acc_t, VEC, Block::kRowLayout> normalize(block);
   Walker<L, VEC> walker(geo, group, split);
   int64_t offset[kUnroll];
-  bool any[kUnroll];
+  bool valid_again[kUnroll];
 #pragma unroll
   for (int r = 0; r < kRounds; ++r) {
-    if (!walker.next(offset, any)) break;
+    if (!walker.next(offset, valid_again)) break;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (valid[r][u]) store_walked<L, VEC>(args.y, offset[u], keep[r][u], normalize(held[r][u]));
+      if (valid_again[u]) store_walked<L, VEC>(args.y, offset[u], walker.kept(u), normalize(held[r][u]));
     }
   }
 }
@@ -445,7 +447,7 @@ void launch_forward(ForwardArgs<scalar_t, acc_t> args, const LayoutInfo& info, c
     void* kernel_args[] = {&args, &residency};
     const cudaError_t status = cudaLaunchCooperativeKernel(
         &cmbn_forward_held_kernel<scalar_t, acc_t, L, VEC>, grid, block, kernel_args, 0, stream);
-    if (!cooperative_launch_refused(status)) {
+    if (!cooperative_launch_refused(status, stream, "cmbn_forward", geo)) {
       C10_CUDA_CHECK(status);
       return;
     }

@@ -2,10 +2,13 @@
 // assert which path ran and benchmarks can show it. The order of the integers is the one
 // cmbn_ext/kernel_plan.py reads.
 #include "cmbn_cuda.h"
+#include "kernel_image.h"
 
 namespace cmbn {
 
 std::vector<int64_t> cmbn_kernel_plan_cuda(const at::Tensor& x, bool backward) {
+  TORCH_CHECK(has_kernel_image(device_index(x)), "kernel_plan: the compiled CUDA kernels hold no "
+              "kernel image for ", x.device(), ": its tensors take the pure-PyTorch path");
   const LaunchPlan plan = backward ? cmbn_backward_plan(x) : cmbn_forward_plan(x);
   const Geometry& geo = plan.geo;
   const bool single_read = plan.path == KernelPath::kSingleRead;

@@ -18,6 +18,7 @@
 #include "cmbn_cuda.h"
 #include "device_utils.cuh"
 #include "host_utils.h"
+#include "kernel_image.h"
 #include "kernel_types.h"
 
 namespace cmbn {
@@ -422,6 +423,11 @@ void update_state(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor&
 }
 
 }  // namespace
+
+cudaError_t probe_kernel_image() {
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, &update_state_kernel<float, float, float>);
+}
 
 void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
                             at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,

@@ -73,9 +73,10 @@ __device__ __forceinline__ void store_pack(T* address, const Pack<T, VEC>& pack)
   if constexpr (sizeof(Pack<T, VEC>) == 16) {
     uint32_t word[4];
     memcpy(word, &pack, 16);
-    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(word[0]), "r"(word[1]),
-        "r"(word[2]), "r"(word[3])
-        : "memory");
+    // st.global takes a global-space address: converted from the generic pointer, as PTX requires.
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(address)),
+                 "r"(word[0]), "r"(word[1]), "r"(word[2]), "r"(word[3])
+                 : "memory");
     return;
   }
 #endif

@@ -7,10 +7,14 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -253,20 +257,57 @@ inline KernelPath requested_path() {
   return KernelPath::kAuto;
 }
 
-// Blocks of 256 threads the GPU holds at once for both kernels of a direction: the lower occupancy
-// of the two (asked once per kernel, then cached) times the SM count.
+// A value per device index, computed once for each device by its first caller (the others wait for
+// it; a computation that throws is retried by the next caller), then read with one atomic load. A host
+// may hold GPUs of different models, whose occupancy, SM count and kernel images differ.
+template <typename T>
+class PerDevice {
+ public:
+  static constexpr int kMaxDevices = std::numeric_limits<c10::DeviceIndex>::max() + 1;
+
+  template <typename Compute>
+  T get(c10::DeviceIndex device, const Compute& compute) {
+    TORCH_CHECK(device >= 0 && device < kMaxDevices, "cmbn_ext: device index ", int(device),
+                " out of range");
+    Slot& slot = slots_[device];
+    if (C10_LIKELY(slot.ready.load(std::memory_order_acquire))) return slot.value;
+    std::call_once(slot.once, [&] {
+      slot.value = compute();
+      slot.ready.store(true, std::memory_order_release);
+    });
+    return slot.value;
+  }
+
+ private:
+  struct Slot {
+    std::once_flag once;
+    std::atomic<bool> ready{false};
+    T value{};
+  };
+  std::array<Slot, kMaxDevices> slots_;
+};
+
+// The device the launchers run on: x's, which their CUDAGuard makes current.
+inline c10::DeviceIndex current_device() {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  return static_cast<c10::DeviceIndex>(device);
+}
+
+// Blocks of 256 threads the current GPU holds at once for both kernels of a direction: the lower
+// occupancy of the two (asked once per kernel and device, then cached) times its SM count.
 template <auto TwoPassKernel, auto HeldKernel>
 int64_t resident_blocks() {
-  static const int blocks_per_sm = [] {
+  static PerDevice<int> blocks_per_sm;
+  const int per_sm = blocks_per_sm.get(current_device(), [] {
     int two_pass = 0;
     int held = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&two_pass, TwoPassKernel,
                                                                  kBlockThreads, 0));
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&held, HeldKernel, kBlockThreads, 0));
     return std::max(1, std::min(two_pass, held));
-  }();
-  return static_cast<int64_t>(blocks_per_sm) *
-         at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  });
+  return static_cast<int64_t>(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 // The launches of a fused op (cmbn_forward, cmbn_backward) for an input: the geometry, and the
@@ -298,10 +339,20 @@ inline LaunchPlan plan_launch(const LayoutInfo& info, int vec, int element_size,
 }
 
 // A refused cooperative launch (the grid does not fit on the GPU as it is now, e.g. under MPS, or
-// the device cannot run one): cleared, so the caller can take the two-pass path instead.
-inline bool cooperative_launch_refused(cudaError_t status) {
+// the device cannot run one): cleared, so the caller can take the two-pass path instead. Not while
+// the stream is being captured into a CUDA graph: a fallback there would record other launches into
+// a capture the refused one may have invalidated. The plan takes a cooperative grid only where this
+// device holds it, so a refusal during capture means other work holds its SMs: a clear error.
+inline bool cooperative_launch_refused(cudaError_t status, cudaStream_t stream, const char* op,
+                                       const Geometry& geo) {
   if (status != cudaErrorCooperativeLaunchTooLarge && status != cudaErrorNotSupported) return false;
   (void)cudaGetLastError();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op, ": the GPU refused a cooperative launch of ",
+              geo.channel_groups * geo.splits, " blocks (", cudaGetErrorString(status),
+              ") while a CUDA graph was being captured; other work (another process, MPS) holds "
+              "its SMs. Capture with CMBN_KERNEL_PATH=two_pass, or on a GPU that runs nothing else.");
   return true;
 }
 

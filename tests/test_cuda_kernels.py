@@ -16,6 +16,8 @@ outside them does. Skipped without a GPU or without the compiled
 kernels, unless CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation).
 """
 import copy
+import os
+import warnings
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmbn_ext
 import emulation
-from cmbn_ext import reference, window_state
+from cmbn_ext import ops, reference, window_state
 
 # CMBN_EMULATED_KERNELS=1 (or asan) runs this module on the CPU against the same kernels compiled for
 # the CPU, which conftest.py loads (tests/emulation; tests/test_emulated_kernels.py starts that run):
@@ -826,6 +828,7 @@ def test_a_refused_cooperative_launch_falls_back_to_two_pass(monkeypatch):
     emulated device, told afterwards to hold one block per SM, refuses the planned grid."""
     monkeypatch.delenv("CMBN_KERNEL_PATH", raising=False)
     probe = random_input((1, 1, 8, 8), torch.float32)
+    cmbn_ext.kernel_plan(probe, backward=True)  # the backward learns the device's occupancy now too
     resident = cmbn_ext.kernel_plan(probe)["co_resident_blocks"]
     shape, _ = boundary_shapes(resident, HELD_PACKS["forward"], pack=4)
     x = random_input(shape, torch.float32)
@@ -838,6 +841,114 @@ def test_a_refused_cooperative_launch_falls_back_to_two_pass(monkeypatch):
     launched = launched_since(before)
     assert ("cmbn_forward_kernel<float, float, kPlanes, 4>", "kApply") in launched, launched
     assert not any(kernel.startswith("cmbn_forward_held_kernel") for kernel, _ in launched), launched
+
+
+@pytest.mark.skipif(not EMULATED, reason="the emulation refuses a cooperative grid and reports a stream "
+                                             "capture on request")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_cooperative_launch_refused_during_capture_is_an_error(direction, monkeypatch):
+    """While a stream is captured into a CUDA graph, a refused cooperative launch raises an error that
+    says so instead of recording the two-pass kernels into the capture; nothing else is launched."""
+    monkeypatch.delenv("CMBN_KERNEL_PATH", raising=False)
+    backward = direction == "backward"
+    probe = random_input((1, 1, 8, 8), torch.float32)
+    cmbn_ext.kernel_plan(probe, not backward)  # both directions learn the device's occupancy now
+    resident = cmbn_ext.kernel_plan(probe, backward)["co_resident_blocks"]
+    shape, _ = boundary_shapes(resident, HELD_PACKS[direction], pack=4)
+    x = random_input(shape, torch.float32)
+    plan = cmbn_ext.kernel_plan(x, backward)
+    assert plan["path"] == "single_read" and plan["cooperative"], plan
+    weight, bias = random_parameters(shape[1], torch.float32)
+    history = random_history(1, shape[1], torch.float32)
+    stats = FORWARD(x, weight, bias, *history, EPS, None, False)[1:]
+    grad_y = random_input(shape, torch.float32, seed=7)
+    monkeypatch.setenv("CMBN_EMULATED_BLOCKS_PER_SM", "1")  # half the planned grid fits now
+    monkeypatch.setenv("CMBN_EMULATED_STREAM_CAPTURE", "1")
+    before = launch_counts()
+    with pytest.raises(RuntimeError, match=rf"cmbn_{direction}: the GPU refused a cooperative launch "
+                                           r"of \d+ blocks .* being captured.*CMBN_KERNEL_PATH=two_pass"):
+        if backward:
+            BACKWARD(grad_y, x, weight, *stats, EPS, False)
+        else:
+            FORWARD(x, weight, bias, *history, EPS, None, False)
+    assert launched_since(before) == set()
+    monkeypatch.delenv("CMBN_EMULATED_STREAM_CAPTURE")  # outside a capture it falls back, as before
+    check_against_reference(x, weight, bias, history, None, grad_y)
+
+
+@pytest.mark.skipif(not EMULATED, reason="the emulation switches devices on request (CMBN_EMULATED_DEVICE)")
+def test_occupancy_and_plans_are_per_device(monkeypatch):
+    """Each device's occupancy is asked on its first plan and kept: a second device holding fewer
+    blocks gets plans of its own, and the first keeps its own."""
+    monkeypatch.delenv("CMBN_KERNEL_PATH", raising=False)
+    probe = random_input((1, 1, 8, 8), torch.float32)
+    resident = cmbn_ext.kernel_plan(probe)["co_resident_blocks"]  # device 0, as every test before
+    shape, _ = boundary_shapes(resident, HELD_PACKS["forward"], pack=4)
+    x = random_input(shape, torch.float32)
+    assert cmbn_ext.kernel_plan(x)["cooperative"]
+    monkeypatch.setenv("CMBN_EMULATED_BLOCKS_PER_SM", "1")
+    monkeypatch.setenv("CMBN_EMULATED_DEVICE", "1")  # a GPU of another model: half the blocks per SM
+    other = cmbn_ext.kernel_plan(x)
+    assert other["co_resident_blocks"] == resident // 2, other
+    assert other["path"] == "two_pass", other  # the grid does not fit there: no refused launch to pay
+    monkeypatch.setenv("CMBN_EMULATED_DEVICE", "0")
+    again = cmbn_ext.kernel_plan(x)
+    assert again["co_resident_blocks"] == resident and again["cooperative"], again
+
+
+def test_the_kernels_hold_an_image_for_the_device():
+    x = random_input((2, 3, 4, 4), torch.float32)
+    assert torch.ops.cmbn_ext.cmbn_kernel_image(x)
+    if not EMULATED:
+        assert cmbn_ext.has_cuda_kernels(x.device) and cmbn_ext.has_cuda_kernels()
+
+
+NO_KERNEL_IMAGE = os.environ.get("CMBN_EMULATED_NO_KERNEL_IMAGE") == "1"
+
+
+@pytest.mark.skipif(not (EMULATED and NO_KERNEL_IMAGE),
+                    reason="needs an emulated device without a kernel image: test_emulated_kernels.py "
+                           "runs it with CMBN_EMULATED_NO_KERNEL_IMAGE=1")
+def test_without_a_kernel_image_the_reference_serves_with_one_warning():
+    """A library built for other GPUs: every op runs the reference (no kernel is launched), with the
+    reference's exact results, and the device gets one warning that says how to rebuild."""
+    x = random_input((4, 3, 5, 5), torch.float32)
+    assert not torch.ops.cmbn_ext.cmbn_kernel_image(x)
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        cmbn_ext.kernel_plan(x)
+    weight, bias = random_parameters(3, torch.float32)
+    history = random_history(1, 3, torch.float32)
+    grad_y = random_input(x.shape, torch.float32, seed=7)
+    state = make_state("cumulative", 3, 3, torch.float32, tracking=True)
+    expected_state = [t.clone() for t in state]
+    layer = cmbn_ext.CrossMiniBatchNorm2d(3, window=1)  # BatchNorm2d exactly
+    before = launch_counts()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = FORWARD(x, weight, bias, *history, EPS, None, False)
+        grads = BACKWARD(grad_y, x, weight, *outputs[1:], EPS, False)
+        stats = BATCH_STATS(x)
+        trained = torch.ops.cmbn_ext.cmbn_train_forward(x, weight, bias, *state, EPS, None, False,
+                                                        "cumulative", 3, 0.1)
+        micro_batch = x.clone().requires_grad_()
+        y = layer(micro_batch)
+        y.backward(grad_y)
+    assert launched_since(before) == set()
+    for got, want in ((outputs, ops.REFERENCE["cmbn_forward"](x, weight, bias, *history, EPS, None, False)),
+                      (grads, ops.REFERENCE["cmbn_backward"](grad_y, x, weight, *outputs[1:], EPS, False)),
+                      (stats, reference.batch_stats(x)),
+                      (trained, ops.REFERENCE["cmbn_train_forward"](x, weight, bias, *expected_state, EPS,
+                                                                    None, False, "cumulative", 3, 0.1)),
+                      (state, expected_state)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    x_bn = x.clone().requires_grad_()
+    y_bn = torch.nn.functional.batch_norm(x_bn, None, None, training=True, eps=layer.eps)
+    y_bn.backward(grad_y)
+    torch.testing.assert_close(y, y_bn)
+    torch.testing.assert_close(micro_batch.grad, x_bn.grad)
+    messages = [str(w.message) for w in caught if "no kernel image" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "TORCH_CUDA_ARCH_LIST" in messages[0] and "pure-PyTorch" in messages[0], messages[0]
 
 
 def test_kernel_path_switch_and_plan_errors(monkeypatch):

@@ -44,6 +44,7 @@ KERNEL_GROUPS = {
               "test_layer_state_matches_reference"],
     "single_read": ["test_paths_give_the_same_bits", "test_single_read_path_up_to_what_fits_on_chip",
                     "test_a_refused_cooperative_launch_falls_back_to_two_pass",
+                    "test_a_cooperative_launch_refused_during_capture_is_an_error",
                     "test_kernel_path_switch_and_plan_errors"],
 }
 
@@ -120,6 +121,16 @@ def test_a_missing_grid_barrier_is_caught(tmp_path):
     failed = set(re.findall(r"FAILED \S+::test_paths_give_the_same_bits\[(\w+)\]", output))
     assert failed == {"grid_planes", "grid_rows", "grid_rows_odd", "grid_fp64"}, summary
     assert "AssertionError" in output, summary
+
+
+@needs_compiler
+def test_without_a_kernel_image_the_reference_serves(tmp_path):
+    """An emulated device the library holds no kernel image for (as a GPU of an architecture it was
+    not built for): the ops fall back to the reference, with one warning."""
+    test = f"{KERNEL_TESTS}::test_without_a_kernel_image_the_reference_serves_with_one_warning"
+    returncode, output, summary = run_on_the_emulated_kernels(
+        [test], {"CMBN_EMULATED_NO_KERNEL_IMAGE": "1"}, tmp_path / "launch_counts.json")
+    assert returncode == 0 and re.search(r"\b1 passed", output), summary
 
 
 def launch_table(counts):

@@ -116,6 +116,35 @@ def test_has_cuda_kernels_reports_the_extension():
     assert cmbn_ext.has_cuda_kernels() is (built and wanted)
 
 
+def test_has_cuda_kernels_answers_per_device(monkeypatch):
+    """With the kernels loaded, a CUDA device gets the library's own answer (whether it holds a kernel
+    image for that GPU; probed here), the current device by default; any other device is False.
+    tests/test_cuda_kernels.py runs the library's answer and the fallback it leads to."""
+    from cmbn_ext import ops
+
+    asked = []
+
+    def probe(device):
+        asked.append(device)
+        return device.index == 0
+
+    monkeypatch.setattr(ops, "_HAS_KERNELS", True)
+    monkeypatch.setattr(ops, "_kernel_image", probe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert cmbn_ext.has_cuda_kernels() is False
+    assert cmbn_ext.has_cuda_kernels(0) is True
+    assert cmbn_ext.has_cuda_kernels("cuda:0") is True
+    assert cmbn_ext.has_cuda_kernels(torch.device("cuda", 1)) is False
+    assert cmbn_ext.has_cuda_kernels("cuda") is False
+    assert cmbn_ext.has_cuda_kernels("cpu") is False
+    assert asked == [torch.device("cuda", i) for i in (1, 0, 0, 1, 1)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cmbn_ext.has_cuda_kernels() is True  # loaded, and no GPU to ask about
+    monkeypatch.setattr(ops, "_HAS_KERNELS", False)
+    assert cmbn_ext.has_cuda_kernels(0) is False and len(asked) == 5
+
+
 def test_kernels_can_be_disabled_from_the_environment():
     code = "import cmbn_ext; print(cmbn_ext.has_cuda_kernels())"
     env = dict(os.environ, CMBN_DISABLE_KERNELS="1")

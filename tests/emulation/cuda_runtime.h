@@ -63,6 +63,9 @@ typedef struct CUstream_st* cudaStream_t;
 enum cudaError {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
+  cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorNoKernelImageForDevice = 209,
+  cudaErrorUnsupportedPtxVersion = 222,
   cudaErrorCooperativeLaunchTooLarge = 720,
   cudaErrorNotSupported = 801,
 };
@@ -728,6 +731,12 @@ inline const char* cudaGetErrorString(cudaError_t error) {
       return "no error";
     case cudaErrorInvalidValue:
       return "invalid argument";
+    case cudaErrorInvalidDeviceFunction:
+      return "invalid device function";
+    case cudaErrorNoKernelImageForDevice:
+      return "no kernel image is available for execution on the device";
+    case cudaErrorUnsupportedPtxVersion:
+      return "the provided PTX was compiled with an unsupported toolchain.";
     case cudaErrorCooperativeLaunchTooLarge:
       return "too many blocks in cooperative launch";
     case cudaErrorNotSupported:
@@ -744,6 +753,49 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, T kernel,
   (void)dynamic_shared_bytes;
   if (blocks == nullptr || block_size <= 0) return cmbn_emu::last_error = cudaErrorInvalidValue;
   *blocks = cmbn_emu::blocks_per_multiprocessor();
+  return cudaSuccess;
+}
+
+// The device the calling host thread works on: CMBN_EMULATED_DEVICE (read at each call, so a test can
+// switch devices; 0 when unset). Each device answers the occupancy query as it is set at that call.
+inline cudaError_t cudaGetDevice(int* device) {
+  if (device == nullptr) return cmbn_emu::last_error = cudaErrorInvalidValue;
+  const char* text = std::getenv("CMBN_EMULATED_DEVICE");
+  *device = text && *text ? std::atoi(text) : 0;
+  return cudaSuccess;
+}
+
+// Whether a stream is being captured into a CUDA graph: CMBN_EMULATED_STREAM_CAPTURE=1 says it is
+// (read at each call). Launches run as usual either way.
+enum cudaStreamCaptureStatus {
+  cudaStreamCaptureStatusNone = 0,
+  cudaStreamCaptureStatusActive = 1,
+  cudaStreamCaptureStatusInvalidated = 2,
+};
+
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  if (status == nullptr) return cmbn_emu::last_error = cudaErrorInvalidValue;
+  const char* text = std::getenv("CMBN_EMULATED_STREAM_CAPTURE");
+  *status = text && std::strcmp(text, "1") == 0 ? cudaStreamCaptureStatusActive
+                                                 : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
+
+// A kernel's attributes. CMBN_EMULATED_NO_KERNEL_IMAGE=1 (read at each call) stands for a library
+// built without an image for the device: every kernel answers cudaErrorInvalidDeviceFunction, as
+// CUDA does for a GPU architecture the binary holds neither code nor compatible PTX for.
+struct cudaFuncAttributes {
+  int numRegs;
+  int maxThreadsPerBlock;
+};
+
+template <class T>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, T kernel) {
+  (void)kernel;
+  if (attributes == nullptr) return cmbn_emu::last_error = cudaErrorInvalidValue;
+  const char* text = std::getenv("CMBN_EMULATED_NO_KERNEL_IMAGE");
+  if (text && std::strcmp(text, "1") == 0) return cmbn_emu::last_error = cudaErrorInvalidDeviceFunction;
+  *attributes = cudaFuncAttributes{0, 1024};
   return cudaSuccess;
 }
 
