@@ -285,7 +285,8 @@ class SixLayerNet(nn.Module):
         super().__init__()
         layers, previous = [], 3
         for width, stride in zip(widths, strides):
-            layers += [nn.Conv2d(previous, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            layers += [nn.Conv2d(previous, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU()]
             previous = width
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(previous, classes)]
         self.net = nn.Sequential(*layers)
@@ -421,11 +422,11 @@ def measure_side_by_side(shape, dtype_key, variants, device, settings, cap_s):
     rounds (timing.time_interleaved) for about ``cap_s`` seconds at most."""
     passes = [(v, p) for v in variants for p in PASSES if not (v == "sample" and p != "fwd")]
     records = {(v, p): base_record(shape, dtype_key, p, v) for v, p in passes}
-    shortfall = memory_shortfall(records[passes[0]]["x_bytes"], device)
+    x_bytes = records[passes[0]]["x_bytes"]
+    shortfall = memory_shortfall(x_bytes, device)
     if shortfall:
         return [dict(r, error=f"skipped: {shortfall}") for r in records.values()]
     try:
-        x_bytes = records[passes[0]]["x_bytes"]
         input_sets = make_input_sets(shape, dtype_key, device, timing.input_sets_needed(x_bytes, device))
     except Exception as error:
         return [dict(r, error=describe(error)) for r in records.values()]
@@ -753,7 +754,7 @@ def _stop_group_and_exit(proc):
 # ------------------------------------------------------------------------------------------ the run
 def cpu_kernels_loaded():
     """Whether the CPU kernels of cmbn_ext._C serve CPU tensors in this process."""
-    return getattr(cmbn_ext, "has_cpu_kernels", lambda: False)()
+    return cmbn_ext.has_cpu_kernels()
 
 
 def device_name(device):

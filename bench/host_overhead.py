@@ -95,8 +95,8 @@ def kernels_text():
     """What serves CmBN's ops on CPU tensors in this process, before the stubs replace them."""
     if "cmbn_ext._C" not in sys.modules:
         return "cmbn_ext._C not loaded: the pure-PyTorch ops"
-    has_cpu_kernels = getattr(cmbn_ext, "has_cpu_kernels", lambda: False)()
-    return "cmbn_ext._C loaded, " + ("with its CPU kernels" if has_cpu_kernels else "without CPU kernels")
+    return "cmbn_ext._C loaded, " + ("with its CPU kernels" if cmbn_ext.has_cpu_kernels() else
+                                     "without CPU kernels")
 
 
 def make_layer(variant, channels, device):
