@@ -10,9 +10,10 @@ then ``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with a
 ``autograd.Function``). ``cmbn_update_state`` folds a micro-batch into the layer's buffers, in place
 (``window_state.py``).
 
-The schemas are defined here, once. ``reference.py`` implements every op on the CPU, and on CUDA for
-each op the compiled extension has no kernel for. Fakes make the ops traceable by ``torch.compile``.
-All ops but ``cmbn_update_state`` and ``cmbn_train_forward`` are functional.
+The schemas are defined here, once. The compiled extension serves CPU and CUDA tensors with its
+kernels where it was built with them; ``reference.py`` implements every op for each device the
+extension has no kernel for. Fakes make the ops traceable by ``torch.compile``. All ops but
+``cmbn_update_state`` and ``cmbn_train_forward`` are functional.
 """
 import importlib
 import os
@@ -69,29 +70,44 @@ _lib.define("cmbn_kernel_plan(Tensor x, bool backward) -> int[]")
 
 
 def _load_kernels():
-    """Import the compiled CUDA kernels; a package built without them still works on the reference.
+    """Import the compiled kernels (CPU, and CUDA where they were built); a package built without them
+    still works on the reference.
 
-    ``CMBN_DISABLE_KERNELS=1`` in the environment leaves them unloaded, so CUDA tensors take the
-    pure-PyTorch path (for comparisons, and to rule the kernels out when debugging).
+    ``CMBN_DISABLE_KERNELS=1`` in the environment leaves them unloaded, so CPU and CUDA tensors take
+    the pure-PyTorch path (for comparisons, and to rule the kernels out when debugging).
     """
     name = f"{__package__}._C"
     if os.environ.get("CMBN_DISABLE_KERNELS") == "1" or importlib.util.find_spec(name) is None:
         return False
     try:
-        importlib.import_module(name)  # registers the CUDA implementations
+        importlib.import_module(name)  # registers the kernels it was built with
     except (ImportError, OSError) as error:
-        warnings.warn(f"cmbn_ext: the compiled CUDA kernels failed to load ({error}); "
-                      "CUDA tensors use the pure-PyTorch implementation", RuntimeWarning)
+        warnings.warn(f"cmbn_ext: the compiled kernels failed to load ({error}); "
+                      "the pure-PyTorch implementation serves every device", RuntimeWarning)
         return False
     return True
 
 
+def _compiled_for(dispatch_key):
+    """Whether the loaded extension registered its kernels for ``dispatch_key`` (asked before the
+    reference registers for the keys it left free)."""
+    return _HAS_KERNELS and torch._C._dispatch_has_kernel_for_dispatch_key("cmbn_ext::cmbn_forward",
+                                                                          dispatch_key)
+
+
 _HAS_KERNELS = _load_kernels()
+_HAS_CUDA_KERNELS = _compiled_for("CUDA")
+_HAS_CPU_KERNELS = _compiled_for("CPU")
 
 
 def has_cuda_kernels():
     """True when the compiled CUDA kernels are loaded and serve CUDA tensors."""
-    return _HAS_KERNELS
+    return _HAS_CUDA_KERNELS
+
+
+def has_cpu_kernels():
+    """True when the compiled CPU kernels are loaded and serve CPU tensors."""
+    return _HAS_CPU_KERNELS
 
 
 def _reference_forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
@@ -145,10 +161,13 @@ REFERENCE = {
 DIFFERENTIABLE = "cmbn_train_forward"
 HAS_CPP_AUTOGRAD = torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{DIFFERENTIABLE}",
                                                                   "Autograd")
+# The registrations that kernels compiled into this process later may take over (the CPU reference and
+# the Python autograd), apart from the others: make_way_for_cpu_kernels() withdraws them.
+_cpu_fallback = torch.library.Library("cmbn_ext", "IMPL")
 for _name, _function in REFERENCE.items():
-    _lib.impl(_name, _function, "CPU")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", "CUDA"):
-        _lib.impl(_name, _function, "CUDA")
+    for _key, _library in (("CPU", _cpu_fallback), ("CUDA", _lib)):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", _key):
+            _library.impl(_name, _function, _key)
     if _name != DIFFERENTIABLE:
         # Not differentiable themselves: autograd passes straight through to the kernels
         # (CrossMiniBatchNormFunction and distributed.py differentiate the layer).
@@ -265,4 +284,17 @@ def _train_forward_autograd(x, weight, bias, window_count, window_mean, window_v
 
 
 if not HAS_CPP_AUTOGRAD:
-    _lib.impl(DIFFERENTIABLE, _train_forward_autograd, "Autograd")
+    _cpu_fallback.impl(DIFFERENTIABLE, _train_forward_autograd, "Autograd")
+
+
+def make_way_for_cpu_kernels():
+    """Withdraws the reference's CPU implementations and the Python autograd of
+    ``cmbn_train_forward``, so that kernels compiled later in this process (the emulated CUDA kernels
+    of tests/emulation, which serve CPU tensors) register in their place without overriding any
+    registration. Refused where the compiled extension's own kernels or autograd are loaded: a
+    process has one set of CPU kernels."""
+    if _HAS_CPU_KERNELS or HAS_CPP_AUTOGRAD:
+        raise RuntimeError("cmbn_ext: the compiled extension (cmbn_ext._C) is loaded in this process "
+                           "and serves the CPU; start the process with CMBN_DISABLE_KERNELS=1 to load "
+                           "other CPU kernels")
+    _cpu_fallback._destroy()  # a second call finds nothing left to withdraw

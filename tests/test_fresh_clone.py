@@ -23,14 +23,14 @@ def setup_py(monkeypatch):
 
 def test_without_torch_the_build_is_pure_pytorch_and_says_how_to_compile(setup_py, monkeypatch, capsys):
     monkeypatch.delenv("CMBN_BUILD_CUDA", raising=False)
-    assert setup_py.cuda_extension() == ([], {})
+    assert setup_py.extension() == ([], {})
     assert "pip install --no-build-isolation -e ." in capsys.readouterr().out
 
 
 def test_without_torch_a_forced_kernel_build_stops_and_says_what_to_run(setup_py, monkeypatch):
     monkeypatch.setenv("CMBN_BUILD_CUDA", "1")
     with pytest.raises(SystemExit) as stopped:
-        setup_py.cuda_extension()
+        setup_py.extension()
     assert "pip install --no-build-isolation -e ." in str(stopped.value)
 
 

@@ -55,6 +55,16 @@ void cmbn_update_state_cpu(at::Tensor& window_count, at::Tensor& window_mean, at
                            std::string_view layer_mode, std::optional<int64_t> window,
                            std::optional<double> momentum, bool every_micro_batch);
 
+// The same with m known on the host (cmbn_train_forward's, from x's shape): no count tensor to make.
+void cmbn_update_state_host_count_cpu(
+    at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
+    at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, int64_t m, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& batch_mean, const at::Tensor& batch_var,
+    std::string_view layer_mode, std::optional<int64_t> window, std::optional<double> momentum,
+    bool every_micro_batch);
+
 // cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics (deferred mode
 // normalizes with no history).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
