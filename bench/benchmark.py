@@ -508,7 +508,11 @@ def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit
                 side_by_side=False):
     """Measure each (shape, dtype) within the stage's time, sharing what is left among those left.
     ``plans``: {(shape, dtype key): that shape's kernel plans}, or None. ``side_by_side``: time the
-    variants in interleaved rounds (measure_side_by_side, the CPU), else one after the other."""
+    variants in interleaved rounds (measure_side_by_side, the CPU), else one after the other; then a
+    shape whose rounds are expected to take longer than its share of the time is skipped (the
+    expectation scales the round time of the largest shape measured so far by the size of x).
+    """
+    largest = None  # (x bytes, seconds a round took) of the largest shape measured side by side
     for i, (shape, dtype_key) in enumerate(configs):
         left = stage_end - time.time()
         if left <= 0:
@@ -519,7 +523,19 @@ def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit
             return
         cap_s = left / (len(configs) - i)
         if side_by_side:
-            emit(measure_side_by_side(shape, dtype_key, variants, device, settings, cap_s))
+            x_bytes = base_record(shape, dtype_key, "fwd", variants[0])["x_bytes"]
+            rounds = settings["warmup"] + 1 + settings["min_runs"]  # warm-up, probe, timed
+            expected_s = largest and rounds * largest[1] * x_bytes / largest[0]
+            if expected_s and expected_s > cap_s:
+                why = "out of time budget (expected to take longer than its share)"
+                for variant in variants:
+                    emit(skipped(shape, dtype_key, variant, why, ("fwd",) if variant == "sample" else PASSES))
+                continue
+            records = measure_side_by_side(shape, dtype_key, variants, device, settings, cap_s)
+            emit(records)
+            round_s = sum(r["median_ms"] for r in records if not r.get("error")) / 1e3
+            if round_s > 0 and (largest is None or x_bytes >= largest[0]):
+                largest = (x_bytes, round_s)
             continue
         emit(measure_config(shape, dtype_key, variants, device, settings, cap_s, count_jobs,
                             (plans or {}).get((tuple(shape), dtype_key))))

@@ -177,6 +177,30 @@ def test_memory_shortfall(monkeypatch):
     assert benchmark.memory_shortfall(1 * 2**40, cpu) is None
 
 
+def test_side_by_side_skips_a_shape_expected_past_its_share(monkeypatch):
+    """A shape whose rounds, scaled from the largest shape measured so far, would take longer than its
+    share of the stage is recorded as skipped; smaller shapes after it are still measured."""
+    measured = []
+
+    def fake_measure(shape, dtype_key, variants, device, settings, cap_s):
+        measured.append(shape)
+        return [dict(benchmark.base_record(shape, dtype_key, p, v), median_ms=100.0)
+                for v in variants for p in benchmark.PASSES]
+
+    monkeypatch.setattr(benchmark, "measure_side_by_side", fake_measure)
+    records = []
+    # (1, 8, 8, 8) takes 0.4 s a round; (1, 8, 512, 512) is 4096x its size: expected 4 rounds x 0.4 s
+    # x 4096, far past its 30 s share of the minute.
+    configs = [((1, 8, 8, 8), "fp32"), ((1, 8, 512, 512), "fp32"), ((1, 8, 4, 4), "fp32")]
+    benchmark.run_configs(configs, ["pure", "pure_batchnorm"], torch.device("cpu"),
+                          benchmark.SETTINGS["quick"], time.time() + 60, None, records.extend,
+                          side_by_side=True)
+    assert measured == [(1, 8, 8, 8), (1, 8, 4, 4)]
+    skipped = [r for r in records if r.get("error")]
+    assert len(skipped) == 4 and all(tuple(r["shape"]) == (1, 8, 512, 512) for r in skipped)
+    assert skipped[0]["error"] == "skipped: out of time budget (expected to take longer than its share)"
+
+
 def test_host_overhead_stubs_take_over(tmp_path):
     """The CPU host-cost proxy in its own process (its stubs replace kernels process-wide): one call of
     each layer reached the stubs, and the table has every row."""
