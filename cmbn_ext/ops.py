@@ -163,9 +163,9 @@ HAS_CPP_AUTOGRAD = torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{D
                                                                   "Autograd")
 # The registrations that kernels compiled into this process later may take over (the CPU reference and
 # the Python autograd), apart from the others: make_way_for_cpu_kernels() withdraws them.
-_cpu_fallback = torch.library.Library("cmbn_ext", "IMPL")
+_fallbacks = torch.library.Library("cmbn_ext", "IMPL")
 for _name, _function in REFERENCE.items():
-    for _key, _library in (("CPU", _cpu_fallback), ("CUDA", _lib)):
+    for _key, _library in (("CPU", _fallbacks), ("CUDA", _lib)):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", _key):
             _library.impl(_name, _function, _key)
     if _name != DIFFERENTIABLE:
@@ -284,7 +284,7 @@ def _train_forward_autograd(x, weight, bias, window_count, window_mean, window_v
 
 
 if not HAS_CPP_AUTOGRAD:
-    _cpu_fallback.impl(DIFFERENTIABLE, _train_forward_autograd, "Autograd")
+    _fallbacks.impl(DIFFERENTIABLE, _train_forward_autograd, "Autograd")
 
 
 def make_way_for_cpu_kernels():
@@ -297,4 +297,4 @@ def make_way_for_cpu_kernels():
         raise RuntimeError("cmbn_ext: the compiled extension (cmbn_ext._C) is loaded in this process "
                            "and serves the CPU; start the process with CMBN_DISABLE_KERNELS=1 to load "
                            "other CPU kernels")
-    _cpu_fallback._destroy()  # a second call finds nothing left to withdraw
+    _fallbacks._destroy()  # a second call finds nothing left to withdraw
