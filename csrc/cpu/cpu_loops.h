@@ -179,29 +179,51 @@ void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, acc_t center, acc
   }
 }
 
-// Mean and biased variance of channel c of a plane layout, two passes.
-template <typename scalar_t, typename acc_t>
-void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& mean, acc_t& var) {
-  const int64_t m = L.values_per_channel();
-  if (m == 0) {  // an empty micro-batch has zero statistics (reference.batch_stats)
-    mean = 0;
-    var = 0;
+// How much of x the statistics reduce while it stays in the cache. A channel of at most
+// kCachedChannel values (planes) or an x of at most kCachedRows values (rows) gets two passes over
+// all of it: the mean, then the squared deviations from it, the second pass reading from the cache.
+// Larger ones are cut into blocks of about kStatsBlock values, each reduced in two passes while it
+// is cached, and the blocks' (count, mean, M2) are merged with Chan's formula in block order: the
+// statistics then read x from memory once, and the normalization once more.
+constexpr int64_t kCachedChannel = 65536;
+constexpr int64_t kCachedRows = 262144;
+constexpr int64_t kStatsBlock = 16384;
+
+// Chan's merge of (count_b, mean_b, m2_b) into (count, mean, m2); a first block is taken as it is.
+template <typename acc_t>
+inline void chan_merge(int64_t& count, acc_t& mean, acc_t& m2, int64_t count_b, acc_t mean_b,
+                       acc_t m2_b) {
+  if (count == 0) {
+    count = count_b;
+    mean = mean_b;
+    m2 = m2_b;
     return;
   }
+  const int64_t total = count + count_b;
+  const acc_t delta = mean_b - mean;
+  mean += delta * static_cast<acc_t>(static_cast<double>(count_b) / static_cast<double>(total));
+  m2 += m2_b + delta * delta *
+                   static_cast<acc_t>(static_cast<double>(count) * static_cast<double>(count_b) /
+                                      static_cast<double>(total));
+  count = total;
+}
+
+// Mean and M2 (the sum of squared deviations from that mean) of `count` values given as spans:
+// spans(f) calls f(pointer, length) for each, always in the same order.
+template <typename scalar_t, typename acc_t, typename Spans>
+void two_pass_stats(const Spans& spans, int64_t count, acc_t& mean, acc_t& m2) {
   using Vec = at::vec::Vectorized<acc_t>;
-  const int64_t plane_stride = L.channels * L.inner;
   SpanSum<scalar_t, acc_t> sum;
-  for (int64_t n = 0; n < L.outer; ++n) {
-    sum.add(x + n * plane_stride + c * L.inner, L.inner, [](const Vec& v) { return v; },
-            [](acc_t v) { return v; });
-  }
-  mean = sum.result() / static_cast<acc_t>(m);
+  spans([&](const scalar_t* p, int64_t n) {
+    sum.add(p, n, [](const Vec& v) { return v; }, [](acc_t v) { return v; });
+  });
+  mean = sum.result() / static_cast<acc_t>(count);
   const Vec vmean(mean);
   const acc_t smean = mean;
   SpanSum<scalar_t, acc_t> squares;
-  for (int64_t n = 0; n < L.outer; ++n) {
+  spans([&](const scalar_t* p, int64_t n) {
     squares.add(
-        x + n * plane_stride + c * L.inner, L.inner,
+        p, n,
         [&](const Vec& v) {
           const Vec d = v - vmean;
           return d * d;
@@ -210,8 +232,55 @@ void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& m
           const acc_t d = v - smean;
           return d * d;
         });
+  });
+  m2 = squares.result();
+}
+
+// Mean and biased variance of channel c of a plane layout.
+template <typename scalar_t, typename acc_t>
+void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& mean, acc_t& var) {
+  const int64_t m = L.values_per_channel();
+  if (m == 0) {  // an empty micro-batch has zero statistics (reference.batch_stats)
+    mean = 0;
+    var = 0;
+    return;
   }
-  var = squares.result() / static_cast<acc_t>(m);
+  const int64_t plane_stride = L.channels * L.inner;
+  const scalar_t* channel = x + c * L.inner;
+  // Planes [n0, n1) of the channel, or the part [offset, offset + length) of plane n0.
+  const auto planes = [&](int64_t n0, int64_t n1) {
+    return [=](const auto& f) {
+      for (int64_t n = n0; n < n1; ++n) f(channel + n * plane_stride, L.inner);
+    };
+  };
+  acc_t m2;
+  if (m <= kCachedChannel) {
+    two_pass_stats<scalar_t>(planes(0, L.outer), m, mean, m2);
+  } else {
+    int64_t count = 0;
+    mean = 0;
+    m2 = 0;
+    acc_t block_mean, block_m2;
+    if (L.inner >= kStatsBlock) {  // blocks within each plane
+      for (int64_t n = 0; n < L.outer; ++n) {
+        for (int64_t offset = 0; offset < L.inner; offset += kStatsBlock) {
+          const int64_t length = std::min(kStatsBlock, L.inner - offset);
+          const scalar_t* part = channel + n * plane_stride + offset;
+          two_pass_stats<scalar_t>([=](const auto& f) { f(part, length); }, length, block_mean,
+                                   block_m2);
+          chan_merge(count, mean, m2, length, block_mean, block_m2);
+        }
+      }
+    } else {  // blocks of whole planes
+      const int64_t planes_per_block = kStatsBlock / L.inner;
+      for (int64_t n0 = 0; n0 < L.outer; n0 += planes_per_block) {
+        const int64_t n1 = std::min(L.outer, n0 + planes_per_block);
+        two_pass_stats<scalar_t>(planes(n0, n1), (n1 - n0) * L.inner, block_mean, block_m2);
+        chan_merge(count, mean, m2, (n1 - n0) * L.inner, block_mean, block_m2);
+      }
+    }
+  }
+  var = m2 / static_cast<acc_t>(m);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -275,6 +344,83 @@ void row_sums(const Layout& L, const scalar_t* x, acc_t* partial, acc_t* total, 
   }
 }
 
+// Mean and biased variance per channel of a row layout larger than the cache: each chunk of rows
+// (rows_per_chunk) is reduced block by block (about kStatsBlock values, two passes while cached) and
+// the blocks merged in order (Chan); then the chunks are merged in chunk order, in fp64.
+template <typename scalar_t, typename acc_t>
+void row_block_stats(const Layout& L, const scalar_t* x, acc_t* mean, acc_t* var) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const int64_t C = L.channels;
+  const int64_t rows = L.outer;
+  const int64_t chunk_rows = rows_per_chunk(rows);
+  const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
+  // At most 1024 rows a block: each channel's sums are sequential over the rows of a block.
+  const int64_t block_rows = std::clamp<int64_t>(kStatsBlock / std::max<int64_t>(C, 1), 1, 1024);
+  // Per chunk: its mean and M2, then the current block's sum (then mean), M2 and shift.
+  std::vector<acc_t> partial(static_cast<size_t>(chunks * 5 * C));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* chunk_mean = partial.data() + k * 5 * C;
+      acc_t* chunk_m2 = chunk_mean + C;
+      acc_t* block_mean = chunk_m2 + C;
+      acc_t* block_m2 = block_mean + C;
+      acc_t* shift = block_m2 + C;
+      const int64_t row_end = std::min(rows, (k + 1) * chunk_rows);
+      int64_t count = 0;
+      for (int64_t r0 = k * chunk_rows; r0 < row_end; r0 += block_rows) {
+        const int64_t r1 = std::min(row_end, r0 + block_rows);
+        const int64_t block_count = r1 - r0;
+        // The block's mean from sums of x minus its first row: a large mean does not cancel the
+        // digits of a long sum.
+        for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[r0 * C + c]);
+        std::fill(block_mean, block_mean + 2 * C, acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = x + r * C;
+          int64_t c = 0;
+          for (; c + K <= C; c += K) {
+            (Vec::loadu(block_mean + c) + (IO::load(row + c) - Vec::loadu(shift + c))).store(block_mean + c);
+          }
+          for (; c < C; ++c) block_mean[c] += static_cast<acc_t>(row[c]) - shift[c];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          block_mean[c] = shift[c] + block_mean[c] / static_cast<acc_t>(block_count);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = x + r * C;
+          int64_t c = 0;
+          for (; c + K <= C; c += K) {
+            const Vec d = IO::load(row + c) - Vec::loadu(block_mean + c);
+            (Vec::loadu(block_m2 + c) + d * d).store(block_m2 + c);
+          }
+          for (; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - block_mean[c];
+            block_m2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          int64_t merged = count;
+          chan_merge(merged, chunk_mean[c], chunk_m2[c], block_count, block_mean[c], block_m2[c]);
+        }
+        count += block_count;
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t count = 0;
+    double total_mean = 0, total_m2 = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t chunk_count = std::min(rows, (k + 1) * chunk_rows) - k * chunk_rows;
+      chan_merge(count, total_mean, total_m2, chunk_count,
+                 static_cast<double>(partial[k * 5 * C + c]),
+                 static_cast<double>(partial[k * 5 * C + C + c]));
+    }
+    mean[c] = static_cast<acc_t>(total_mean);
+    var[c] = static_cast<acc_t>(total_m2 / static_cast<double>(rows));
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_rows(const ForwardCall<scalar_t, acc_t>& call) {
   using IO = VecIO<scalar_t, acc_t>;
@@ -289,7 +435,7 @@ void forward_rows(const ForwardCall<scalar_t, acc_t>& call) {
     if (m == 0) {  // an empty micro-batch has zero statistics (reference.batch_stats)
       std::fill(call.batch_mean, call.batch_mean + C, acc_t(0));
       std::fill(call.batch_var, call.batch_var + C, acc_t(0));
-    } else {
+    } else if (m * C <= kCachedRows) {
       const int64_t chunks = (m + rows_per_chunk(m) - 1) / rows_per_chunk(m);
       std::vector<acc_t> partial(static_cast<size_t>(chunks * C));
       row_sums(L, call.x, partial.data(), call.batch_mean, [](const Vec& v, int64_t) { return v; },
@@ -307,6 +453,8 @@ void forward_rows(const ForwardCall<scalar_t, acc_t>& call) {
             return d * d;
           });
       for (int64_t c = 0; c < C; ++c) call.batch_var[c] /= static_cast<acc_t>(m);
+    } else {
+      row_block_stats(L, call.x, call.batch_mean, call.batch_var);
     }
     mean = call.batch_mean;
     var = call.batch_var;
