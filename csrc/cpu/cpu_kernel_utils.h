@@ -1,13 +1,14 @@
 #pragma once
-// Shared pieces of the CPU kernels (forward.cpp, backward.cpp): argument checks whose messages name
-// the argument, how the values of x are laid out, per-channel vectors in the statistics' dtype, and
-// vectorized loads, stores and reductions that read half input widened to fp32.
+// Shared pieces of the CPU kernels: argument checks whose messages name the argument, how the values
+// of x are laid out, per-channel vectors in the statistics' dtype, what one call of the vectorized
+// loops (cpu_loops.h) reads and writes, and which build of those loops runs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -210,89 +211,115 @@ inline int64_t rows_per_chunk(int64_t rows) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Vectorized loads and stores in the statistics' dtype
+// What one call of the loops reads and writes (raw pointers, per-channel values in the statistics'
+// dtype)
 
-template <typename scalar_t, typename acc_t>
-struct VecIO {
-  using Vec = at::vec::Vectorized<acc_t>;
-  static constexpr int64_t kSize = Vec::size();
-
-  static Vec load(const scalar_t* p) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return Vec::loadu(p);
-    } else {
-      acc_t wide[kSize];
-      for (int64_t i = 0; i < kSize; ++i) wide[i] = static_cast<acc_t>(p[i]);
-      return Vec::loadu(wide);
-    }
-  }
-
-  static void store(scalar_t* p, const Vec& v) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      v.store(p);
-    } else {
-      acc_t wide[kSize];
-      v.store(wide);
-      for (int64_t i = 0; i < kSize; ++i) p[i] = static_cast<scalar_t>(wide[i]);
-    }
-  }
-};
-
-// The lanes of v added in a fixed order.
+// What the pooling of one call reads and writes, per channel.
 template <typename acc_t>
-acc_t sum_lanes(const at::vec::Vectorized<acc_t>& v) {
-  constexpr int64_t kSize = at::vec::Vectorized<acc_t>::size();
-  acc_t lanes[kSize];
-  v.store(lanes);
-  acc_t total = 0;
-  for (int64_t i = 0; i < kSize; ++i) total += lanes[i];
-  return total;
-}
-
-// Sums f(v) over the values of one channel, given as spans (its planes), in a fixed order: four
-// vector accumulators and a scalar one for the ends of the spans, folded into outer accumulators
-// every kFold values so that no accumulator adds up more than a few thousand values (accuracy of a
-// long fp32 sum).
-template <typename scalar_t, typename acc_t>
-struct SpanSum {
-  using IO = VecIO<scalar_t, acc_t>;
-  using Vec = typename IO::Vec;
-  static constexpr int64_t K = IO::kSize;
-  static constexpr int64_t kFold = 4096;
-
-  Vec a0 = Vec(acc_t(0)), a1 = Vec(acc_t(0)), a2 = Vec(acc_t(0)), a3 = Vec(acc_t(0));
-  Vec outer = Vec(acc_t(0));
-  acc_t tail = 0, outer_tail = 0;
-  int64_t pending = 0;
-
-  template <typename VecF, typename ScalarF>
-  void add(const scalar_t* p, int64_t n, const VecF& f, const ScalarF& sf) {
-    int64_t i = 0;
-    for (; i + 4 * K <= n; i += 4 * K) {
-      a0 += f(IO::load(p + i));
-      a1 += f(IO::load(p + i + K));
-      a2 += f(IO::load(p + i + 2 * K));
-      a3 += f(IO::load(p + i + 3 * K));
-    }
-    for (; i + K <= n; i += K) a0 += f(IO::load(p + i));
-    for (; i < n; ++i) tail += sf(static_cast<acc_t>(p[i]));
-    pending += n;
-    if (pending >= kFold) fold();
-  }
-
-  void fold() {
-    outer += (a0 + a1) + (a2 + a3);
-    a0 = a1 = a2 = a3 = Vec(acc_t(0));
-    outer_tail += tail;
-    tail = 0;
-    pending = 0;
-  }
-
-  acc_t result() {
-    fold();
-    return sum_lanes(outer) + outer_tail;
-  }
+struct Pooling {
+  const int64_t* history_count;  // (S, C) contiguous
+  const acc_t* history_mean;     // (S, C) contiguous, in the statistics' dtype
+  const acc_t* history_var;
+  int64_t slots;
+  int64_t channels;
+  bool has_ema;
+  double ema_momentum;
+  const acc_t* weight;  // null when absent
+  const acc_t* bias;
+  acc_t eps;
+  acc_t* mean;  // outputs, (C,)
+  acc_t* var;
+  acc_t* current_weight;
 };
+
+// The work of one forward call. given_mean/given_var: the micro-batch's statistics come from the
+// caller (cmbn_pooled_forward); else they are computed and written to batch_mean/batch_var.
+// pooling null: the statistics alone (cmbn_batch_stats).
+template <typename scalar_t, typename acc_t>
+struct ForwardCall {
+  Layout layout;
+  const scalar_t* x;
+  scalar_t* y;
+  const acc_t* given_mean;
+  const acc_t* given_var;
+  acc_t* batch_mean;
+  acc_t* batch_var;
+  const Pooling<acc_t>* pooling;
+  int64_t count;  // values per channel the statistics are over
+};
+
+// The statistics saved by the forward, per channel, in the statistics' dtype.
+template <typename acc_t>
+struct GradParams {
+  const acc_t* weight;  // null when absent
+  const acc_t* mean;
+  const acc_t* var;
+  const acc_t* batch_mean;
+  const acc_t* batch_var;
+  const acc_t* current_weight;
+  acc_t eps;
+  bool exact;
+  int64_t count;        // values per channel the sums are over
+  acc_t* grad_weight;   // null: not wanted
+  acc_t* grad_bias;
+};
+
+// The work of one backward call. given_sum_dy/given_sum_dy_xc: the sums come from the caller
+// (cmbn_backward_dx); else they are computed and written to sum_dy/sum_dy_xc. params null: the sums
+// alone (cmbn_backward_sums).
+template <typename scalar_t, typename acc_t>
+struct BackwardCall {
+  Layout layout;
+  const scalar_t* grad_y;  // in x's layout
+  const scalar_t* x;
+  scalar_t* grad_x;
+  const acc_t* batch_mean;
+  const acc_t* given_sum_dy;
+  const acc_t* given_sum_dy_xc;
+  acc_t* sum_dy;  // null when given
+  acc_t* sum_dy_xc;
+  const GradParams<acc_t>* params;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Which build of the loops runs
+
+// The loops of cpu_loops.h are compiled twice: `baseline` with the compiler's default flags (SSE2 on
+// x86-64, where at::vec falls back to plain arrays and spills them), and `avx2` (cpu_loops_avx2.cpp,
+// GCC on x86-64 only) with at::vec's AVX2 vectors. Neither uses FMA, and both add in the same order,
+// so they give the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CMBN_CPU_AVX2_LOOPS 1
+#endif
+
+namespace baseline {
+template <typename scalar_t, typename acc_t>
+void run_forward(const ForwardCall<scalar_t, acc_t>& call);
+template <typename scalar_t, typename acc_t>
+void run_backward(const BackwardCall<scalar_t, acc_t>& call);
+}  // namespace baseline
+
+namespace avx2 {
+template <typename scalar_t, typename acc_t>
+void run_forward(const ForwardCall<scalar_t, acc_t>& call);
+template <typename scalar_t, typename acc_t>
+void run_backward(const BackwardCall<scalar_t, acc_t>& call);
+}  // namespace avx2
+
+// True when this CPU runs the avx2 loops; ATEN_CPU_CAPABILITY=default (torch's own switch) picks the
+// baseline ones, as it does for torch's kernels.
+inline bool use_avx2_loops() {
+#ifdef CMBN_CPU_AVX2_LOOPS
+  static const bool avx2 = [] {
+    const char* forced = std::getenv("ATEN_CPU_CAPABILITY");
+    if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
 
 }  // namespace cpu
 }  // namespace cmbn
