@@ -5,13 +5,22 @@ each path forced (two_pass, single_read); the report adds each shape's launch pl
 DRAM traffic (traffic_model.py).
 
     python3 bench/benchmark.py --device cuda [--out DIR]   # GPU: kernels, BatchNorm2d, pure, compiled
-    python3 bench/benchmark.py --device cpu  [--out DIR]   # CPU: reference, BatchNorm2d, article sample
+    python3 bench/benchmark.py --device cpu  [--out DIR]   # CPU: kernels, pure, BatchNorm2d, sample
 
 Results go to ``DIR/<device>.json`` and ``DIR/<device>.md`` (default DIR: bench/results) and the table
 is printed. The GPU part holds itself to ``--budget-s`` seconds (default 140; bench/gpu_check.sh gives 90):
 the pure-PyTorch path runs in a subprocess with ``CMBN_DISABLE_KERNELS=1`` so the package is used as
 shipped; whatever does not fit the budget, or fails, is recorded as such in the table and the run goes
 on. Timers, bandwidth and launch counts are in ``timing.py``, the tables in ``report.py``.
+
+The CPU part (one torch thread unless ``--threads``; ``--budget-s``, default 900) times, per shape,
+CrossMiniBatchNorm2d on the CPU kernels of ``cmbn_ext._C``, BatchNorm2d and the article's sample side
+by side in interleaved rounds; then a subprocess with ``CMBN_DISABLE_KERNELS=1`` times the pure-PyTorch
+CmBN and BatchNorm2d side by side, so that each ratio to BatchNorm2d is measured within one process.
+Both also time one optimizer step of a 6-layer conv net over 16 micro-batches of 1 (CmBN in sliding
+mode, window 16). The shapes are the CPU target shapes, then the GPU shapes that fit in memory.
+Without ``cmbn_ext._C``'s CPU kernels the run goes on, and says that its CmBN column is the
+pure-PyTorch path.
 """
 import time
 
@@ -46,7 +55,8 @@ from cmbn_ext import reference  # noqa: E402
 GPU_SHAPES = [(8, 64, 112, 112), (8, 64, 56, 56), (16, 256, 56, 56), (8, 512, 28, 28),
               (8, 1024, 14, 14), (8, 2048, 7, 7), (8, 32, 512, 512), (8, 64, 256, 256),
               (8, 128, 128, 128), (8, 256, 64, 64), (8, 1024, 16, 16), (2, 32, 608, 608)]
-CPU_SHAPES = [(8, 64, 56, 56), (2, 256, 28, 28), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7)]
+# The CPU target shapes first (the targets are over those), then the GPU shapes, where they fit in memory.
+CPU_SHAPES = report.CPU_TARGET_SHAPES + [s for s in GPU_SHAPES if s not in report.CPU_TARGET_SHAPES]
 DTYPES = {  # key -> (dtype, memory format)
     "fp16-cl": (torch.float16, torch.channels_last),
     "fp32": (torch.float32, torch.contiguous_format),
@@ -57,7 +67,11 @@ GPU_VARIANTS = [("cmbn", "CmBN kernels (auto path)"), ("cmbn_two_pass", "CmBN ke
 KERNEL_VARIANTS = ["cmbn", "cmbn_two_pass", "cmbn_single_read", "batchnorm"]  # timed in this process
 # CMBN_KERNEL_PATH while a CmBN variant runs (the launchers read it at every call).
 KERNEL_PATHS = {"cmbn": "auto", "cmbn_two_pass": "two_pass", "cmbn_single_read": "single_read"}
-CPU_VARIANTS = [("cmbn", "CmBN reference"), ("batchnorm", "BatchNorm2d"), ("sample", "article sample")]
+CPU_VARIANTS = [("cmbn", "CmBN on the CPU kernels"), ("batchnorm", "BatchNorm2d"),
+                ("pure", "CmBN pure PyTorch (own process)"),
+                ("pure_batchnorm", "BatchNorm2d in the pure-PyTorch process"), ("sample", "article sample")]
+CPU_KERNEL_SIDE = ("cmbn", "batchnorm", "sample")  # timed side by side in this process
+CPU_PURE_SIDE = ("pure", "pure_batchnorm")  # timed side by side in the CMBN_DISABLE_KERNELS=1 subprocess
 PASSES = ("fwd", "fwd+bwd")
 EPS = 1e-5
 # Cumulative mode with a window no benchmark reaches: every call after the first has history, and it
@@ -65,9 +79,15 @@ EPS = 1e-5
 WINDOW = 1 << 30
 SETTINGS = {  # warm-up calls, runs and timed seconds per measurement
     "cuda": {"warmup": 3, "min_runs": 10, "max_runs": 200, "seconds": 0.15},
-    "cpu": {"warmup": 2, "min_runs": 5, "max_runs": 50, "seconds": 0.8},
+    "cpu": {"warmup": 2, "min_runs": 5, "max_runs": 500, "seconds": 0.8},  # sub-ms calls: many rounds
     "quick": {"warmup": 1, "min_runs": 2, "max_runs": 3, "seconds": 0.0},
 }
+# The CPU end-to-end step: timed seconds per variant, as a multiple of the settings' "seconds".
+CPU_E2E_SECONDS_FACTOR = 4
+CPU_E2E_MICRO_BATCHES, CPU_E2E_WINDOW = 16, 16
+# Bytes the pure-PyTorch forward and backward hold at their peak, in multiples of x (a generous guess:
+# a dozen temporaries of x's size), for the check that a CPU shape fits in memory.
+PURE_PEAK_X_MULTIPLE = 12
 # The GPU budget, counted from the start: timing the kernels (three paths) and BatchNorm2d until 38% of
 # it, the end-to-end step until 43%, their launch counts until 50%; then the pure-PyTorch subprocess
 # until a few seconds before the end: the eager layer in its first 35%, torch.compile until its last
@@ -80,6 +100,14 @@ E2E_DESCRIPTION = ("One SGD step (zero_grad, forward under fp16 autocast, cross-
                    "of a ResNet-style network (stem and 4 stages of 2 BasicBlocks, widths 32-256, 17 "
                    "norm layers) on a (32, 3, 64, 64) channels_last batch; CmBN rows swap every "
                    "BatchNorm2d for CrossMiniBatchNorm2d with cmbn_ext.convert_batchnorm.")
+CPU_E2E_DESCRIPTION = (f"One optimizer step (SGD with momentum) of a 6-layer conv net (six 3x3 conv + norm + "
+                       f"ReLU layers, widths 32, 32, 64, 64, 128, 128, stride 2 before the 64s and the "
+                       f"128s, then global average pooling and a linear classifier) over "
+                       f"{CPU_E2E_MICRO_BATCHES} micro-batches of one (1, 3, 32, 32) image: zero_grad, "
+                       f"{CPU_E2E_MICRO_BATCHES} forwards and backwards of the cross-entropy, step. CmBN "
+                       f"rows swap every BatchNorm2d for CrossMiniBatchNorm2d (mode='sliding', window "
+                       f"{CPU_E2E_WINDOW}) with cmbn_ext.convert_batchnorm; each CmBN step is compared "
+                       f"with the BatchNorm2d step timed beside it in the same process.")
 
 
 # ----------------------------------------------------------------------------------------- workloads
@@ -120,7 +148,7 @@ def make_layer(variant, channels, device):
     """A training-mode norm layer for one variant, with non-trivial affine parameters (fp32)."""
     if variant == "sample":
         return ArticleSampleCrossBatchNorm(channels)
-    if variant == "batchnorm":
+    if variant in ("batchnorm", "pure_batchnorm"):
         layer = nn.BatchNorm2d(channels, eps=EPS, device=device)
     else:  # a "cmbn" variant, or "pure" in a process where the kernels are disabled
         layer = cmbn_ext.CrossMiniBatchNorm2d(channels, eps=EPS, window=WINDOW, device=device)
@@ -250,6 +278,66 @@ def measure_e2e(variant, device, settings, seconds):
     return record
 
 
+class SixLayerNet(nn.Module):
+    """The CPU end-to-end network: six 3x3 conv + BatchNorm2d + ReLU layers, pooling and a classifier."""
+
+    def __init__(self, widths=(32, 32, 64, 64, 128, 128), strides=(1, 1, 2, 1, 2, 1), classes=10):
+        super().__init__()
+        layers, previous = [], 3
+        for width, stride in zip(widths, strides):
+            layers += [nn.Conv2d(previous, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU()]
+            previous = width
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(previous, classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def measure_micro_batch_steps(variants, device, settings):
+    """Median time of one optimizer step of SixLayerNet over CPU_E2E_MICRO_BATCHES micro-batches of
+    one image, for each of ``variants`` (BatchNorm2d, or CmBN in sliding mode), timed side by side;
+    one record per variant."""
+    records = {variant: {"variant": variant} for variant in variants}
+    steps = {}
+    for variant in variants:
+        try:
+            torch.manual_seed(0)  # the same weights for every variant
+            model = SixLayerNet()
+            if variant not in ("batchnorm", "pure_batchnorm"):
+                model = cmbn_ext.convert_batchnorm(model, mode="sliding", window=CPU_E2E_WINDOW)
+            steps[variant] = micro_batch_step(model.to(device).train())
+        except Exception as error:
+            records[variant]["error"] = describe(error)
+    generator = torch.Generator().manual_seed(1)
+    input_sets = [[(torch.randn(1, 3, 32, 32, generator=generator).to(device),
+                    torch.randint(0, 10, (1,), generator=generator).to(device))
+                   for _ in range(CPU_E2E_MICRO_BATCHES)] for _ in range(2)]
+    seconds = CPU_E2E_SECONDS_FACTOR * settings["seconds"] * len(steps)
+    outcomes = timing.time_interleaved(steps, input_sets, device, warmup=settings["warmup"],
+                                       min_runs=settings["min_runs"], max_runs=settings["max_runs"],
+                                       seconds=seconds) if steps else {}
+    for variant, outcome in outcomes.items():
+        if isinstance(outcome, Exception):
+            records[variant]["error"] = describe(outcome)
+        else:
+            records[variant].update(outcome.as_dict())
+    return list(records.values())
+
+
+def micro_batch_step(model):
+    """One optimizer step of ``model`` over a list of (image, label) micro-batches."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(micro_batches):
+        optimizer.zero_grad(set_to_none=True)
+        for images, labels in micro_batches:
+            (F.cross_entropy(model(images), labels) / len(micro_batches)).backward()
+        optimizer.step()
+    return step
+
+
 # ---------------------------------------------------------------------------------------- measuring
 def describe(error):
     lines = str(error).strip().splitlines()
@@ -329,6 +417,62 @@ def measure_config(shape, dtype_key, variants, device, settings, cap_s, count_jo
     return records
 
 
+def measure_side_by_side(shape, dtype_key, variants, device, settings, cap_s):
+    """All passes of the layer variants on one shape and dtype, timed side by side in interleaved
+    rounds (timing.time_interleaved) for about ``cap_s`` seconds at most."""
+    passes = [(v, p) for v in variants for p in PASSES if not (v == "sample" and p != "fwd")]
+    records = {(v, p): base_record(shape, dtype_key, p, v) for v, p in passes}
+    x_bytes = records[passes[0]]["x_bytes"]
+    shortfall = memory_shortfall(x_bytes, device)
+    if shortfall:
+        return [dict(r, error=f"skipped: {shortfall}") for r in records.values()]
+    try:
+        input_sets = make_input_sets(shape, dtype_key, device, timing.input_sets_needed(x_bytes, device))
+    except Exception as error:
+        return [dict(r, error=describe(error)) for r in records.values()]
+    calls = {}
+    for key, record in records.items():
+        try:
+            calls[key] = layer_call(make_layer(key[0], shape[1], device), key[1])
+        except Exception as error:
+            record["error"] = describe(error)
+    seconds = min(settings["seconds"] * len(calls), 0.5 * cap_s)  # the rest: warm-up, setup
+    outcomes = timing.time_interleaved(calls, input_sets, device, warmup=settings["warmup"],
+                                       min_runs=settings["min_runs"], max_runs=settings["max_runs"],
+                                       seconds=seconds) if calls else {}
+    for key, outcome in outcomes.items():
+        if isinstance(outcome, Exception):
+            records[key]["error"] = describe(outcome)
+        else:
+            records[key].update(outcome.as_dict())
+    return list(records.values())
+
+
+def memory_shortfall(x_bytes, device):
+    """Why a CPU shape would not fit in the host's available memory (its input sets and the
+    pure-PyTorch path's peak), or None when it fits (or on a GPU, where an out-of-memory error is
+    recorded instead)."""
+    if device.type != "cpu":
+        return None
+    available = available_host_bytes()
+    needed = x_bytes * (2 * timing.input_sets_needed(x_bytes, device) + PURE_PEAK_X_MULTIPLE)
+    if available is None or needed <= 0.8 * available:
+        return None
+    return f"needs about {needed / 2**30:.1f} GiB of memory, {available / 2**30:.1f} GiB available"
+
+
+def available_host_bytes():
+    """MemAvailable from /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def layer_builder(variant, shape, dtype_key, pass_, device):
     """A fresh layer's timed call (under the variant's CMBN_KERNEL_PATH) and one input set, for
     counting its launches."""
@@ -360,9 +504,15 @@ def count_launches(count_jobs, device, stage_end, on_count, chunk=8):
     return True
 
 
-def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit, plans=None):
+def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit, plans=None,
+                side_by_side=False):
     """Measure each (shape, dtype) within the stage's time, sharing what is left among those left.
-    ``plans``: {(shape, dtype key): that shape's kernel plans}, or None."""
+    ``plans``: {(shape, dtype key): that shape's kernel plans}, or None. ``side_by_side``: time the
+    variants in interleaved rounds (measure_side_by_side, the CPU), else one after the other; then a
+    shape whose rounds are expected to take longer than its share of the time is skipped (the
+    expectation scales the round time of the largest shape measured so far by the size of x).
+    """
+    largest = None  # (x bytes, seconds a round took) of the largest shape measured side by side
     for i, (shape, dtype_key) in enumerate(configs):
         left = stage_end - time.time()
         if left <= 0:
@@ -371,8 +521,24 @@ def run_configs(configs, variants, device, settings, stage_end, count_jobs, emit
                     emit(skipped(later_shape, later_dtype, variant, "out of time budget",
                                  ("fwd",) if variant == "sample" else PASSES))
             return
-        emit(measure_config(shape, dtype_key, variants, device, settings, left / (len(configs) - i),
-                            count_jobs, (plans or {}).get((tuple(shape), dtype_key))))
+        cap_s = left / (len(configs) - i)
+        if side_by_side:
+            x_bytes = base_record(shape, dtype_key, "fwd", variants[0])["x_bytes"]
+            rounds = settings["warmup"] + 1 + settings["min_runs"]  # warm-up, probe, timed
+            expected_s = largest and rounds * largest[1] * x_bytes / largest[0]
+            if expected_s and expected_s > cap_s:
+                why = "out of time budget (expected to take longer than its share)"
+                for variant in variants:
+                    emit(skipped(shape, dtype_key, variant, why, ("fwd",) if variant == "sample" else PASSES))
+                continue
+            records = measure_side_by_side(shape, dtype_key, variants, device, settings, cap_s)
+            emit(records)
+            round_s = sum(r["median_ms"] for r in records if not r.get("error")) / 1e3
+            if round_s > 0 and (largest is None or x_bytes >= largest[0]):
+                largest = (x_bytes, round_s)
+            continue
+        emit(measure_config(shape, dtype_key, variants, device, settings, cap_s, count_jobs,
+                            (plans or {}).get((tuple(shape), dtype_key))))
 
 
 def run_compiled(configs, device, settings, deadline, count_jobs, emit):
@@ -476,6 +642,8 @@ def run_worker(plan_path):
     device = torch.device(plan["device"])
     settings = plan["settings"]
     configs = [(tuple(shape), dtype_key) for shape, dtype_key in plan["configs"]]
+    if plan.get("threads"):
+        torch.set_num_threads(plan["threads"])
     with open(plan["out"], "a") as out:
         def emit(records, kind="record"):
             for record in records:
@@ -483,6 +651,8 @@ def run_worker(plan_path):
             out.flush()
 
         emit([{"kernels_loaded": cmbn_ext.has_cuda_kernels()}], "meta")
+        if plan.get("side_by_side"):
+            return run_cpu_worker(plan, configs, device, settings, emit)
         if device.type == "cuda" and cmbn_ext.has_cuda_kernels():
             emit([{"text": "the pure-PyTorch subprocess still had the CUDA kernels loaded"}], "note")
             return 1
@@ -498,12 +668,27 @@ def run_worker(plan_path):
     return 0
 
 
+def run_cpu_worker(plan, configs, device, settings, emit):
+    """The CPU benchmark's pure-PyTorch side: the end-to-end step, then the layer on each shape, each
+    beside BatchNorm2d in this process, until ``eager_end``."""
+    if cpu_kernels_loaded():
+        emit([{"text": "the pure-PyTorch subprocess still had the CPU kernels loaded"}], "note")
+        return 1
+    if plan["e2e"]:
+        emit(measure_micro_batch_steps(CPU_PURE_SIDE, device, settings), "e2e")
+    run_configs(configs, list(CPU_PURE_SIDE), device, settings, plan["eager_end"], None, emit,
+                side_by_side=True)
+    return 0
+
+
 def run_pure_subprocess(device, configs, settings, *, deadline, eager_end, compile_end, compile_, e2e,
-                        profile_launches):
+                        profile_launches, side_by_side=False, threads=None):
     """Run the worker with CMBN_DISABLE_KERNELS=1 until ``deadline``; returns (records, e2e, notes).
 
     The worker times the layer eager until ``eager_end``, the end-to-end step, torch.compile until
-    ``compile_end``, then counts launches until ``deadline``.
+    ``compile_end``, then counts launches until ``deadline``. With ``side_by_side`` (the CPU
+    benchmark) it times instead the micro-batch end-to-end step, then the layer, each beside
+    BatchNorm2d (run_cpu_worker), with ``threads`` torch threads.
 
     The worker is its own process group, so the compile workers it spawns go with it when it is
     stopped at the deadline (or when this process is terminated).
@@ -511,7 +696,7 @@ def run_pure_subprocess(device, configs, settings, *, deadline, eager_end, compi
     with tempfile.TemporaryDirectory(prefix="cmbn_bench_") as tmp:
         plan = {"device": device.type, "settings": settings, "configs": [list(c) for c in configs],
                 "deadline": deadline, "eager_end": eager_end, "compile_end": compile_end,
-                "compile": compile_, "e2e": e2e,
+                "compile": compile_, "e2e": e2e, "side_by_side": side_by_side, "threads": threads,
                 "profile_launches": profile_launches, "out": os.path.join(tmp, "results.jsonl")}
         plan_path = os.path.join(tmp, "plan.json")
         with open(plan_path, "w") as f:
@@ -583,6 +768,11 @@ def _stop_group_and_exit(proc):
 
 
 # ------------------------------------------------------------------------------------------ the run
+def cpu_kernels_loaded():
+    """Whether the CPU kernels of cmbn_ext._C serve CPU tensors in this process."""
+    return cmbn_ext.has_cpu_kernels()
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -611,6 +801,9 @@ def collect_meta(device, args, settings):
         meta["l2_bytes"] = getattr(props, "L2_cache_size", None)
         meta["kernels_loaded"] = "yes" if cmbn_ext.has_cuda_kernels() else \
             "NO: the CmBN column is the pure-PyTorch path"
+    else:
+        meta["kernels_loaded"] = "yes (the CPU kernels of cmbn_ext._C)" if cpu_kernels_loaded() else \
+            "NO: the CmBN column is the pure-PyTorch path too (cmbn_ext._C or its CPU kernels not loaded)"
     meta["method"] = method_text(device, settings, meta)
     return meta
 
@@ -626,9 +819,18 @@ def method_text(device, settings, meta):
               f"Memory floor = bytes that must move (fwd: read x, write y; fwd+bwd: that plus read x and "
               f"dy, write dx) / the copy bandwidth measured in this run.")
     if device.type == "cpu":
-        return (f"time.perf_counter around each call; {runs}; input sets rotated (at least 2, "
+        return (f"time.perf_counter around each call, {torch.get_num_threads()} torch thread(s); the "
+                f"variants of a shape timed side by side in interleaved rounds (each round calls each "
+                f"once): {settings['warmup']} warm-up rounds, then as many rounds as fit "
+                f"{settings['seconds']}s per variant (at least {settings['min_runs']}, at most "
+                f"{settings['max_runs']}), median reported; input sets rotated (at least 2, "
                 f"{timing.CPU_ROTATION_BYTES >> 20} MiB in all when they fit 8 sets). {common} "
-                "The article's sample runs forward only (it cannot run backward twice).")
+                f"CmBN runs on the CPU kernels of cmbn_ext._C; pure = the same layer in a subprocess "
+                f"with CMBN_DISABLE_KERNELS=1, timed beside its own BatchNorm2d (pBN), so CmBN/BN is "
+                f"measured within this process and pure/BN = pure/pBN within the subprocess "
+                f"(pure/CmBN compares the two processes). Shapes whose input sets and pure-PyTorch "
+                f"temporaries would not fit in memory are skipped. The article's sample runs forward "
+                f"only (it cannot run backward twice).")
     l2 = meta.get("l2_bytes") or 0
     return (f"CUDA events around each call, queued back to back and read after one synchronize; {runs}; "
             f"input sets rotated so that together they exceed {timing.L2_MULTIPLE}x the L2 "
@@ -657,15 +859,17 @@ def parse_args(argv=None):
     parser.add_argument("--dtypes", default=None, help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 2-3 runs (smoke tests)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (GPU)")
-    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end step (GPU)")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end step")
     parser.add_argument("--no-profile", action="store_true", help="do not count kernel launches")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 steadies CPU timings on a busy host")
+                        help="torch CPU threads (default: 1 on cpu, torch's on cuda)")
     parser.add_argument("--note", action="append", default=[], help="a line for the Notes section")
     parser.add_argument("--worker-plan", help=argparse.SUPPRESS)  # the pure-PyTorch subprocess
     args = parser.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 140.0 if args.device == "cuda" else 900.0
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1  # the CPU targets are at one thread
     default_shapes = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
     args.shapes = ([tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
                    if args.shapes else default_shapes)
@@ -745,9 +949,10 @@ def run(args):
         return 2
     settings = SETTINGS["quick" if args.quick else device.type]
     configs = [(shape, dtype_key) for dtype_key in args.dtypes for shape in args.shapes]
-    variants = GPU_VARIANTS if device.type == "cuda" else CPU_VARIANTS
+    variants = GPU_VARIANTS if device.type == "cuda" else cpu_variants()
     results = {"meta": collect_meta(device, args, settings), "variants": variants, "records": [],
-               "e2e": [], "e2e_description": E2E_DESCRIPTION}
+               "e2e": [],
+               "e2e_description": E2E_DESCRIPTION if device.type == "cuda" else CPU_E2E_DESCRIPTION}
     meta = results["meta"]
 
     def save():
@@ -758,22 +963,64 @@ def run(args):
     if device.type == "cuda":
         run_gpu(args, results, settings, configs, save, device)
     else:
-        run_configs(configs, [v for v, _ in variants], device, settings,
-                    STARTED + args.budget_s - REPORT_RESERVE_S, None, results["records"].extend)
-        meta["notes"].append("The article's sample runs forward only: its running statistics keep the "
-                             "autograd graph, so a second backward fails.")
+        run_cpu(args, results, settings, configs, save, device)
     json_path, md_path, text = save()
     print(text)
     if device.type == "cpu":
-        rows = report.build_rows(results)
-        for shape in report.CPU_NAMED_SHAPES:
-            row = next((r for r in rows if r["shape"] == shape and r["pass"] == "fwd+bwd"), None)
-            if row and "CmBN/BN" in row["ratios"]:
-                print(f"CPU fwd+bwd CrossMiniBatchNorm2d / BatchNorm2d {report.shape_text(shape)} fp32: "
-                      f"{row['ratios']['CmBN/BN']:.2f} (goal <= {report.CPU_TARGETS['vs_batchnorm']})")
+        with open(json_path) as f:
+            for item in json.load(f)["summary"]:
+                print(f"CPU fwd+bwd {item['ratio']}: median {shown_ratio(item['median'])}, worst "
+                      f"{shown_ratio(item['worst'])} over {item['shapes']} shapes; end-to-end step "
+                      f"{shown_ratio(item['e2e'])}")
     print(target_summary(json_path))
     print(f"wrote {json_path} and {md_path} in {time.time() - STARTED:.0f}s")
     return 0
+
+
+def cpu_variants():
+    """The CPU table's (variant, label) pairs; without the CPU kernels the CmBN column says so."""
+    if cpu_kernels_loaded():
+        return CPU_VARIANTS
+    return [(key, "CmBN pure PyTorch (the CPU kernels are not loaded)" if key == "cmbn" else label)
+            for key, label in CPU_VARIANTS]
+
+
+def run_cpu(args, results, settings, configs, save, device):
+    """The CPU stages: in this process the end-to-end step and the shapes (CmBN, BatchNorm2d, the
+    article's sample), until half of the budget; then the pure-PyTorch subprocess (the end-to-end step,
+    pure CmBN and BatchNorm2d) until the budget's end. The report is saved after this process's part."""
+    meta = results["meta"]
+    deadline = STARTED + args.budget_s - REPORT_RESERVE_S
+    # Half the time each: this process times five calls a shape, the subprocess four but pays for its
+    # start.
+    own_end = time.time() + 0.5 * (deadline - time.time())
+    if not args.no_e2e:
+        results["e2e"] += measure_micro_batch_steps(("cmbn", "batchnorm"), device, settings)
+    run_configs(configs, list(CPU_KERNEL_SIDE), device, settings, own_end, None, results["records"].extend,
+                side_by_side=True)
+    meta["notes"].append("The article's sample runs forward only: its running statistics keep the "
+                         "autograd graph, so a second backward fails.")
+    if not cpu_kernels_loaded():
+        meta["notes"].append("The CPU kernels of cmbn_ext._C are not loaded: the CmBN column is the "
+                             "pure-PyTorch path as well.")
+    save()  # a run stopped later still leaves this process's table
+    records, e2e, notes = run_pure_subprocess(
+        device, configs, settings, deadline=deadline, eager_end=deadline, compile_end=deadline,
+        compile_=False, e2e=not args.no_e2e, profile_launches=False, side_by_side=True,
+        threads=torch.get_num_threads())
+    done = {record_key(r) for r in records}
+    for shape, dtype_key in configs:
+        for variant in CPU_PURE_SIDE:
+            records += [r for r in skipped(shape, dtype_key, variant,
+                                           "not reached by the pure-PyTorch subprocess")
+                        if record_key(r) not in done]
+    results["records"] += records
+    results["e2e"] += e2e
+    meta["notes"] += notes
+
+
+def shown_ratio(value):
+    return "-" if value is None else f"{value:.2f}"
 
 
 def target_summary(json_path):

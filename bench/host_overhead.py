@@ -15,7 +15,10 @@ that drift on a busy host hits both alike.
 - cpu, the proxy: ``bench/host_stubs.cpp``, compiled on first use, replaces the CPU bodies of the ops
   both layers run (CmBN's ``cmbn_train_forward`` and ``cmbn_backward``, BatchNorm's
   ``native_batch_norm`` and its backward) with ones that only allocate their outputs. What remains is
-  the path a CUDA call takes on the host, minus the launch itself.
+  the path a CUDA call takes on the host, minus the launch itself. The stubs are registered last, so
+  they take over from the CPU kernels of ``cmbn_ext._C`` too; each counts its calls, and the run stops
+  with an error if a layer's call did not reach them. It works with or without ``cmbn_ext._C``
+  (``CMBN_DISABLE_KERNELS=1`` gives the pure-PyTorch path's host cost).
 
 Results go to ``DIR/host-<device>.json`` and ``.md`` (default DIR: bench/results); the last line
 printed is the worst ratio.
@@ -54,6 +57,46 @@ def load_cpu_stubs(verbose=False):
     os.makedirs(build_dir, exist_ok=True)
     cpp_extension.load(name="cmbn_host_stubs", sources=[os.path.join(HERE, "host_stubs.cpp")],
                        build_directory=build_dir, is_python_module=False, verbose=verbose)
+
+
+# The stubs a training call of each layer must reach: one of the forward ops, and the backward op.
+EXPECTED_STUBS = {
+    "cmbn": (("cmbn_train_forward", "cmbn_forward"), ("cmbn_backward",)),
+    "batchnorm": (("native_batch_norm",), ("native_batch_norm_backward",)),
+}
+STUBS = ("cmbn_train_forward", "cmbn_forward", "cmbn_update_state", "cmbn_backward", "native_batch_norm",
+         "native_batch_norm_backward")
+
+
+def stub_calls():
+    """{stub: calls so far} from the counters of bench/host_stubs.cpp."""
+    return {name: torch.ops.cmbn_host_stubs.calls(name) for name in STUBS}
+
+
+def check_stubs_take_over(device):
+    """Run one forward and backward of each layer and check that it reached the stubs, not real
+    kernels; returns {variant: [the stubs it ran]}. Raises RuntimeError where a layer missed them."""
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    ran = {}
+    for variant, groups in EXPECTED_STUBS.items():
+        before = stub_calls()
+        make_call(make_layer(variant, 4, device), "fwd+bwd", x, torch.ones_like(x))()
+        after = stub_calls()
+        ran[variant] = [name for name in STUBS if after[name] > before[name]]
+        missed = [" or ".join(group) for group in groups if not any(name in ran[variant] for name in group)]
+        if missed:
+            raise RuntimeError(f"bench/host_overhead.py: the {variant} layer's call did not reach the stub "
+                               f"of {', '.join(missed)} (it ran {ran[variant] or 'no stub'}): real kernels "
+                               "took over, so the host cost cannot be measured")
+    return ran
+
+
+def kernels_text():
+    """What serves CmBN's ops on CPU tensors in this process, before the stubs replace them."""
+    if "cmbn_ext._C" not in sys.modules:
+        return "cmbn_ext._C not loaded: the pure-PyTorch ops"
+    return "cmbn_ext._C loaded, " + ("with its CPU kernels" if cmbn_ext.has_cpu_kernels() else
+                                     "without CPU kernels")
 
 
 def make_layer(variant, channels, device):
@@ -114,9 +157,12 @@ def device_name(device):
 def markdown(results):
     meta = results["meta"]
     lines = [f"# Host cost per call: CrossMiniBatchNorm2d vs BatchNorm2d ({meta['device_name']})", "",
-             f"{meta['date']}, torch {meta['torch_version']}. {meta['method']}", "",
-             "| shape | pass | CmBN us | BatchNorm2d us | CmBN / BatchNorm2d |",
-             "| --- | --- | ---: | ---: | ---: |"]
+             f"{meta['date']}, torch {meta['torch_version']}. {meta['method']}", ""]
+    if meta.get("stubs_ran"):
+        ran = "; ".join(f"{variant}: {', '.join(names)}" for variant, names in meta["stubs_ran"].items())
+        lines += [f"CmBN's CPU ops before the stubs: {meta['cpu_kernels']}. Stubs reached: {ran}.", ""]
+    lines += ["| shape | pass | CmBN us | BatchNorm2d us | CmBN / BatchNorm2d |",
+              "| --- | --- | ---: | ---: | ---: |"]
     for row in results["rows"]:
         lines.append(f"| {tuple(row['shape'])} | {row['pass']} | {row['cmbn_us']:.1f} | "
                      f"{row['batchnorm_us']:.1f} | {row['ratio']:.2f} |")
@@ -136,7 +182,8 @@ def method_text(device, args):
                 f"no synchronize inside a round, so each time is the host's. {timing} {path}")
     return ("CPU proxy: bench/host_stubs.cpp replaces the bodies of cmbn_train_forward, cmbn_backward, "
             "native_batch_norm and native_batch_norm_backward with ones that only allocate outputs, so "
-            f"only the host path is timed (1 torch thread). {timing} {path}")
+            f"only the host path is timed (1 torch thread); before the timing, one call of each layer "
+            f"was checked to reach the stubs. {timing} {path}")
 
 
 def parse_args(argv=None):
@@ -152,9 +199,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    stubs_ran = None
     if device.type == "cpu":
         torch.set_num_threads(1)
+        kernels = kernels_text()  # before the stubs take over
         load_cpu_stubs()
+        stubs_ran = check_stubs_take_over(device)
     elif not torch.cuda.is_available():
         print("bench/host_overhead.py: --device cuda but torch sees no GPU", file=sys.stderr)
         return 2
@@ -169,6 +219,9 @@ def main(argv=None):
             "device_type": device.type, "device_name": device_name(device),
             "torch_version": torch.__version__, "target": TARGETS[device.type],
             "method": method_text(device, args)}
+    if stubs_ran is not None:
+        meta["cpu_kernels"] = kernels
+        meta["stubs_ran"] = stubs_ran
     results = {"meta": meta, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     stem = "host-" + report.results_stem(meta["device_name"], device.type)

@@ -4,9 +4,10 @@ profiled process may keep profiler hooks that slow its later launches).
 
 On CUDA every call sits between its own pair of CUDA events, all queued back to back and read after one
 synchronize, so the numbers are device time (including any gap the host leaves between launches, which
-is what a training loop sees). On the CPU each call is timed with ``time.perf_counter``. Either way the
-calls cycle through several input sets whose total size exceeds the last-level cache, so a repeated run
-does not just read the cache, and the median over many runs after a warm-up is reported.
+is what a training loop sees). On the CPU each call is timed with ``time.perf_counter``, the variants
+compared side by side in interleaved rounds (``time_interleaved``). Either way the calls cycle through
+several input sets whose total size exceeds the last-level cache, so a repeated run does not just read
+the cache, and the median over many runs after a warm-up is reported.
 """
 import bisect
 import collections
@@ -102,6 +103,49 @@ def time_calls(call, input_sets, device, *, warmup, min_runs, max_runs, seconds)
         call(inputs)
         times.append(time.perf_counter() - begin)
     return summarize(times)
+
+
+def time_interleaved(calls, input_sets, device, *, warmup, min_runs, max_runs, seconds):
+    """Per-call times of several calls timed side by side, in rounds: each round runs every call once,
+    in turn, so that drift on a busy host hits them alike. Returns {key: ``Stats``, or the exception
+    that stopped that call}; a failing call does not stop the others.
+
+    ``calls`` is {key: call(inputs)}; each call cycles through ``input_sets`` on its own. The round
+    count is chosen from a probe round so that the timed rounds take about ``seconds`` together,
+    within ``[min_runs, max_runs]``.
+    """
+    live = dict(calls)
+    outcomes = {}
+    counters = dict.fromkeys(calls, 0)
+
+    def one_round(times=None):
+        for key, call in list(live.items()):
+            inputs = input_sets[counters[key] % len(input_sets)]
+            counters[key] += 1
+            try:
+                begin = time.perf_counter()
+                call(inputs)
+                synchronize(device)
+                elapsed = time.perf_counter() - begin
+            except Exception as error:  # recorded for this call; the others go on
+                outcomes[key] = error
+                del live[key]
+                continue
+            if times is not None:
+                times[key].append(elapsed)
+
+    for _ in range(max(1, warmup)):  # the first calls pay for allocation, handles and module loads
+        one_round()
+    probe = {key: [] for key in live}
+    one_round(probe)
+    round_s = sum(t[0] for t in probe.values() if t)
+    runs = int(max(min_runs, min(max_runs, seconds / max(round_s, 1e-6))))
+    times = {key: [] for key in live}
+    for _ in range(runs):
+        one_round(times)
+    for key in live:
+        outcomes[key] = summarize(times[key])
+    return {key: outcomes[key] for key in calls}
 
 
 def copy_bandwidth(device, *, nbytes=None, runs=20):

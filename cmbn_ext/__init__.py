@@ -6,13 +6,13 @@ from .hooks import end_windows_on_step
 from .modules import (CrossMiniBatchNorm1d, CrossMiniBatchNorm2d, CrossMiniBatchNorm3d,
                       OpenWindowWarning, SyncCrossMiniBatchNorm)
 from .kernel_plan import kernel_plan
-from .ops import has_cuda_kernels
+from .ops import has_cpu_kernels, has_cuda_kernels
 
 __all__ = [
     "CrossMiniBatchNorm1d", "CrossMiniBatchNorm2d", "CrossMiniBatchNorm3d", "SyncCrossMiniBatchNorm",
     "OpenWindowWarning",
     "convert_batchnorm", "convert_deferred_batch_norm", "revert_to_batchnorm", "end_window",
-    "reset_window", "has_cuda_kernels", "kernel_plan", "end_windows_on_step",
+    "reset_window", "has_cuda_kernels", "has_cpu_kernels", "kernel_plan", "end_windows_on_step",
 ]
 __version__ = "0.1.0"
 

@@ -10,21 +10,20 @@ then ``cmbn_backward_dx`` in the backward (``distributed.py`` binds those with a
 ``autograd.Function``). ``cmbn_update_state`` folds a micro-batch into the layer's buffers, in place
 (``window_state.py``).
 
-The schemas are defined here, once. ``reference.py`` implements every op on the CPU, and on CUDA for
-each op the compiled extension has no kernel for; the same ops named ``cmbn_ext_reference::*`` serve
-the tensors of a GPU the compiled extension holds no kernel image for (it calls them itself). Fakes
-make the ops traceable by ``torch.compile``. All ops but ``cmbn_update_state`` and
-``cmbn_train_forward`` are functional.
+The schemas are defined here, once. The compiled extension serves CPU and CUDA tensors with its
+kernels where it was built with them; ``reference.py`` implements every op for each device the
+extension has no kernel for, and the same ops named ``cmbn_ext_reference::*`` serve the tensors of a
+GPU the compiled extension holds no kernel image for (it calls them itself). Fakes make the ops
+traceable by ``torch.compile``. All ops but ``cmbn_update_state`` and ``cmbn_train_forward`` are
+functional.
 """
 import importlib
 import os
 import importlib.util
-import sys
-import warnings
 
 import torch
 
-from . import reference, window_state
+from . import reference, user_warnings, window_state
 
 # The ops that compute (the reference implements each; so do the compiled kernels).
 SCHEMAS = {
@@ -77,24 +76,34 @@ _reference_lib.define("warn_no_kernel_image(Tensor x, str message) -> ()")
 
 
 def _load_kernels():
-    """Import the compiled CUDA kernels; a package built without them still works on the reference.
+    """Import the compiled kernels (CPU, and CUDA where they were built); a package built without them
+    still works on the reference.
 
-    ``CMBN_DISABLE_KERNELS=1`` in the environment leaves them unloaded, so CUDA tensors take the
-    pure-PyTorch path (for comparisons, and to rule the kernels out when debugging).
+    ``CMBN_DISABLE_KERNELS=1`` in the environment leaves them unloaded, so CPU and CUDA tensors take
+    the pure-PyTorch path (for comparisons, and to rule the kernels out when debugging).
     """
     name = f"{__package__}._C"
     if os.environ.get("CMBN_DISABLE_KERNELS") == "1" or importlib.util.find_spec(name) is None:
         return False
     try:
-        importlib.import_module(name)  # registers the CUDA implementations
+        importlib.import_module(name)  # registers the kernels it was built with
     except (ImportError, OSError) as error:
-        warnings.warn(f"cmbn_ext: the compiled CUDA kernels failed to load ({error}); "
-                      "CUDA tensors use the pure-PyTorch implementation", RuntimeWarning)
+        user_warnings.warn(f"cmbn_ext: the compiled kernels failed to load ({error}); "
+                           "the pure-PyTorch implementation serves every device", RuntimeWarning)
         return False
     return True
 
 
+def _compiled_for(dispatch_key):
+    """Whether the loaded extension registered its kernels for ``dispatch_key`` (asked before the
+    reference registers for the keys it left free)."""
+    return _HAS_KERNELS and torch._C._dispatch_has_kernel_for_dispatch_key("cmbn_ext::cmbn_forward",
+                                                                          dispatch_key)
+
+
 _HAS_KERNELS = _load_kernels()
+_HAS_CUDA_KERNELS = _compiled_for("CUDA")
+_HAS_CPU_KERNELS = _compiled_for("CPU")
 
 
 def has_cuda_kernels(device=None):
@@ -105,7 +114,7 @@ def has_cuda_kernels(device=None):
     (they were built for others): its tensors then take the pure-PyTorch path, with a warning that
     says how to rebuild. With no device given and no GPU visible: whether they are loaded.
     """
-    if not _HAS_KERNELS:
+    if not _HAS_CUDA_KERNELS:
         return False
     if device is None:
         if not torch.cuda.is_available():
@@ -122,6 +131,11 @@ def has_cuda_kernels(device=None):
 def _kernel_image(device):
     """The compiled library's answer for ``device`` (a CUDA device with an index)."""
     return torch.ops.cmbn_ext.cmbn_kernel_image(torch.empty(0, device=device))
+
+
+def has_cpu_kernels():
+    """True when the compiled CPU kernels are loaded and serve CPU tensors."""
+    return _HAS_CPU_KERNELS
 
 
 def _reference_forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
@@ -175,10 +189,13 @@ REFERENCE = {
 DIFFERENTIABLE = "cmbn_train_forward"
 HAS_CPP_AUTOGRAD = torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{DIFFERENTIABLE}",
                                                                   "Autograd")
+# The registrations that kernels compiled into this process later may take over (the CPU reference and
+# the Python autograd), apart from the others: make_way_for_cpu_kernels() withdraws them.
+_fallbacks = torch.library.Library("cmbn_ext", "IMPL")
 for _name, _function in REFERENCE.items():
-    _lib.impl(_name, _function, "CPU")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", "CUDA"):
-        _lib.impl(_name, _function, "CUDA")
+    for _key, _library in (("CPU", _fallbacks), ("CUDA", _lib)):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cmbn_ext::{_name}", _key):
+            _library.impl(_name, _function, _key)
     if _name != DIFFERENTIABLE:
         # Not differentiable themselves: autograd passes straight through to the kernels
         # (CrossMiniBatchNormFunction and distributed.py differentiate the layer).
@@ -199,16 +216,9 @@ _lib.impl("cmbn_kernel_image", _no_kernel_image, "CPU")
 if not torch._C._dispatch_has_kernel_for_dispatch_key("cmbn_ext::cmbn_kernel_image", "CUDA"):
     _lib.impl("cmbn_kernel_image", _no_kernel_image, "CUDA")
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
-
-
 def _warn_no_kernel_image(x, message):
     """The compiled library's warning for a GPU it holds no kernel image for, as a Python warning."""
-    frame, stacklevel = sys._getframe(1), 2  # point at the first caller outside cmbn_ext and torch
-    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
-        frame, stacklevel = frame.f_back, stacklevel + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+    user_warnings.warn(message, RuntimeWarning)
 
 
 for _key in ("CPU", "CUDA"):
@@ -326,4 +336,17 @@ def _train_forward_autograd(x, weight, bias, window_count, window_mean, window_v
 
 
 if not HAS_CPP_AUTOGRAD:
-    _lib.impl(DIFFERENTIABLE, _train_forward_autograd, "Autograd")
+    _fallbacks.impl(DIFFERENTIABLE, _train_forward_autograd, "Autograd")
+
+
+def make_way_for_cpu_kernels():
+    """Withdraws the reference's CPU implementations and the Python autograd of
+    ``cmbn_train_forward``, so that kernels compiled later in this process (the emulated CUDA kernels
+    of tests/emulation, which serve CPU tensors) register in their place without overriding any
+    registration. Refused where the compiled extension's own kernels or autograd are loaded: a
+    process has one set of CPU kernels."""
+    if _HAS_CPU_KERNELS or HAS_CPP_AUTOGRAD:
+        raise RuntimeError("cmbn_ext: the compiled extension (cmbn_ext._C) is loaded in this process "
+                           "and serves the CPU; start the process with CMBN_DISABLE_KERNELS=1 to load "
+                           "other CPU kernels")
+    _fallbacks._destroy()  # a second call finds nothing left to withdraw

@@ -1,12 +1,15 @@
 """Smoke tests of the benchmark (bench/): the CPU section on tiny shapes with very few runs writes its
-JSON and markdown with finite numbers and the expected rows; the report builds its tables and targets
-from made-up GPU numbers; the GPU stages and the pure-PyTorch subprocess run on the CPU; profiler
+JSON and markdown with finite numbers and the expected rows (the kernels, the pure-PyTorch subprocess,
+BatchNorm2d beside each, the end-to-end step); the report builds its tables, summary and targets from
+made-up CPU and GPU numbers; interleaved timing runs its calls in rounds; the GPU stages and the
+pure-PyTorch subprocess run on the CPU; the host-cost proxy's stubs take over the CPU ops; profiler
 kernels are attributed to their windows; the traffic model against its closed forms and the plan
 table from stand-in plans. Timing never decides pass or fail here.
 """
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -28,36 +31,199 @@ def _finite(value):
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def test_cpu_section_writes_json_and_markdown(tmp_path):
+@pytest.fixture
+def keep_threads():
+    """The CPU benchmark sets one torch thread in its process: give the test session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_budget(monkeypatch):
+    """The benchmark's time budget counts from its import; in a test session, count from the test."""
+    monkeypatch.setattr(benchmark, "STARTED", time.time())
+
+
+def test_cpu_section_writes_json_and_markdown(tmp_path, keep_threads, fresh_budget):
+    # (1, 64, 16, 16) is a CPU target shape: the summary and the targets count it.
+    shapes = TINY_SHAPES + [[1, 64, 16, 16]]
     argv = ["--device", "cpu", "--out", str(tmp_path), "--quick",
-            "--shapes", ",".join("x".join(map(str, s)) for s in TINY_SHAPES)]
+            "--shapes", ",".join("x".join(map(str, s)) for s in shapes)]
     assert benchmark.main(argv) == 0
+    assert torch.get_num_threads() == 1
     [json_name] = [n for n in os.listdir(tmp_path) if n.endswith(".json")]
     assert json_name.startswith("cpu-") and (tmp_path / json_name.replace(".json", ".md")).exists()
     document = json.loads((tmp_path / json_name).read_text())
 
-    assert document["meta"]["torch_version"] == torch.__version__
-    assert _finite(document["meta"]["copy_bandwidth_bytes_per_s"])
+    meta = document["meta"]
+    assert meta["torch_version"] == torch.__version__ and meta["date"].endswith("UTC")
+    assert meta["device_name"] == benchmark.device_name(torch.device("cpu"))
+    assert "torch CPU threads: 1" in meta["host"]
+    assert meta["kernels_loaded"].startswith("yes" if benchmark.cpu_kernels_loaded() else "NO")
+    assert _finite(meta["copy_bandwidth_bytes_per_s"])
     measured = {(tuple(r["shape"]), r["pass"], r["variant"]) for r in document["records"]}
-    expected = {(tuple(s), p, v) for s in TINY_SHAPES
-                for v, p in [("cmbn", "fwd"), ("cmbn", "fwd+bwd"), ("batchnorm", "fwd"),
-                             ("batchnorm", "fwd+bwd"), ("sample", "fwd")]}
-    assert measured == expected  # the article's sample is forward only
+    expected = {(tuple(s), p, v) for s in shapes for p in ("fwd", "fwd+bwd")
+                for v in ("cmbn", "batchnorm", "pure", "pure_batchnorm")}
+    expected |= {(tuple(s), "fwd", "sample") for s in shapes}  # the article's sample is forward only
+    assert measured == expected
     for record in document["records"]:
         assert record.get("error") is None, record
         assert all(_finite(record[k]) and record[k] > 0 for k in ("median_ms", "p25_ms", "p75_ms"))
     assert [(r["shape"], r["pass"]) for r in document["rows"]] == [
-        (s, p) for s in TINY_SHAPES for p in ("fwd", "fwd+bwd")]
+        (s, p) for s in shapes for p in ("fwd", "fwd+bwd")]
     for row in document["rows"]:
-        assert _finite(row["ratios"]["CmBN/BN"]) and _finite(row["floor_ms"])
-    assert {t["target"] for t in document["targets"]} >= {
-        "reference fwd+bwd / BatchNorm2d (8, 64, 56, 56)", "reference fwd+bwd / BatchNorm2d, worst shape"}
+        assert _finite(row["ratios"]["CmBN/BN"]) and _finite(row["ratios"]["pure/BN"])
+        assert _finite(row["floor_ms"])
+    # The end-to-end step of each process's pair.
+    assert sorted(r["variant"] for r in document["e2e"]) == ["batchnorm", "cmbn", "pure", "pure_batchnorm"]
+    assert all(r.get("error") is None and _finite(r["median_ms"]) for r in document["e2e"])
+    steps = {r["variant"]: r["median_ms"] for r in document["e2e"]}
+    kernels, pure = document["summary"]
+    assert kernels["shapes"] == pure["shapes"] == 1 and kernels["worst_shape"] == [1, 64, 16, 16]
+    target_row = next(r for r in document["rows"] if r["shape"] == [1, 64, 16, 16] and r["pass"] == "fwd+bwd")
+    assert kernels["median"] == kernels["worst"] == pytest.approx(target_row["ratios"]["CmBN/BN"])
+    assert pure["median"] == pytest.approx(target_row["ratios"]["pure/BN"])
+    assert kernels["e2e"] == pytest.approx(steps["cmbn"] / steps["batchnorm"])
+    assert pure["e2e"] == pytest.approx(steps["pure"] / steps["pure_batchnorm"])
+    targets = {t["target"]: t for t in document["targets"]}
+    assert targets["CmBN fwd+bwd / BatchNorm2d, median over the 7 CPU target shapes"]["measured"] == \
+        pytest.approx(kernels["median"])
+    assert len(targets) == 3 and all(t["met"] is not None for t in targets.values())
 
     text = (tmp_path / json_name.replace(".json", ".md")).read_text()
-    assert "## Targets" in text and "**Method.**" in text and "CmBN/BN" in text
-    for shape in TINY_SHAPES:
+    assert "## Targets" in text and "**Method.**" in text and "CmBN/BN" in text and "pure/BN" in text
+    assert "## Summary" in text and "## End-to-end training step" in text
+    for shape in shapes:
         for pass_ in ("fwd", "fwd+bwd"):
             assert f"| {report.shape_text(shape)} | fp32 | {pass_} |" in text
+
+
+def _record(shape, pass_, variant, ms):
+    x_bytes = shape[0] * shape[1] * shape[2] * shape[3] * 4
+    return {"shape": list(shape), "dtype": "fp32", "pass": pass_, "variant": variant, "x_bytes": x_bytes,
+            "median_ms": ms, "p25_ms": ms, "p75_ms": ms, "runs": 5, "launches": None}
+
+
+def test_cpu_summary_and_targets_from_fake_numbers(tmp_path):
+    """The CPU targets: median and worst of CmBN/BN over the target shapes only, the end-to-end step
+    against the BatchNorm2d step of its own process."""
+    # CmBN/BN of 1.0, 1.1, ..., 1.6 on the seven target shapes; pure/pBN twice that; an extra shape
+    # with a worse ratio does not count.
+    records = []
+    for i, shape in enumerate(report.CPU_TARGET_SHAPES + [(8, 32, 512, 512)]):
+        ratio = 1.0 + 0.1 * i if i < len(report.CPU_TARGET_SHAPES) else 9.0
+        for pass_ in ("fwd", "fwd+bwd"):
+            records += [_record(shape, pass_, "cmbn", ratio), _record(shape, pass_, "batchnorm", 1.0),
+                        _record(shape, pass_, "pure", 4 * ratio),
+                        _record(shape, pass_, "pure_batchnorm", 2.0)]
+    records.append(dict(_record((2, 32, 32, 32), "fwd", "sample", 1.0)))
+    e2e = [{"variant": v, "median_ms": ms, "p25_ms": ms, "p75_ms": ms, "runs": 5}
+           for v, ms in (("cmbn", 12.0), ("batchnorm", 10.0), ("pure", 30.0), ("pure_batchnorm", 12.0))]
+    meta = {"device_type": "cpu", "device_name": "Made-up CPU", "date": "today", "method": "made up",
+            "copy_bandwidth_bytes_per_s": 2e10, "notes": []}
+    results = {"meta": meta, "variants": benchmark.CPU_VARIANTS, "records": records, "e2e": e2e,
+               "e2e_description": "made up"}
+    json_path, _, text = report.write(results, str(tmp_path))
+    document = json.loads(open(json_path).read())
+    kernels, pure = document["summary"]
+    assert kernels["shapes"] == 7 and kernels["median"] == pytest.approx(1.3)
+    assert kernels["worst"] == pytest.approx(1.6) and kernels["worst_shape"] == [1, 64, 16, 16]
+    assert pure["median"] == pytest.approx(2.6) and pure["worst"] == pytest.approx(3.2)
+    assert kernels["e2e"] == pytest.approx(1.2) and pure["e2e"] == pytest.approx(2.5)
+    median, worst, step = document["targets"]
+    assert median["met"] is False and median["measured"] == pytest.approx(1.3)
+    assert worst["met"] is False and "(1, 64, 16, 16)" in worst["detail"]
+    assert step["met"] is True and step["measured"] == pytest.approx(1.2)
+    assert "| pure PyTorch / BatchNorm2d | 2.60 | 3.20 (1, 64, 16, 16) | 7 | 2.50 |" in text
+    assert "| CmBN pure PyTorch (own process) | 30.0 | 30.0-30.0 | 2.50 |" in text
+
+    # Only some target shapes measured: the targets say how many.
+    results["records"] = [r for r in records if r["shape"] == [8, 64, 56, 56]]  # CmBN/BN 1.0
+    results["e2e"] = []
+    targets = report.write(results, str(tmp_path))[0]
+    median, worst, step = json.loads(open(targets).read())["targets"]
+    assert median["detail"] == "1 of 7 shapes measured" and median["met"] is True
+    assert step["met"] is None and step["miss"] == "not measured"
+
+
+def test_time_interleaved_runs_rounds():
+    """Each round calls every live call once, in turn, each cycling through the input sets on its own;
+    a call that fails is reported as its exception and the others go on."""
+    seen = []
+
+    def call(name, fail_at=None):
+        def run(inputs):
+            seen.append((name, inputs))
+            if fail_at is not None and len([s for s in seen if s[0] == name]) == fail_at:
+                raise ValueError("made up")
+        return run
+
+    calls = {"a": call("a"), "b": call("b", fail_at=3), "c": call("c")}
+    outcomes = timing.time_interleaved(calls, [0, 1], torch.device("cpu"), warmup=1, min_runs=4,
+                                       max_runs=4, seconds=0.0)
+    assert list(outcomes) == ["a", "b", "c"]
+    assert isinstance(outcomes["b"], ValueError)
+    assert outcomes["a"].runs == outcomes["c"].runs == 4
+    # warm-up round, probe round, then b fails in the first timed round.
+    assert [name for name, _ in seen] == ["a", "b", "c"] * 3 + ["a", "c"] * 3
+    assert [inputs for name, inputs in seen if name == "a"] == [0, 1, 0, 1, 0, 1]
+
+
+def test_memory_shortfall(monkeypatch):
+    monkeypatch.setattr(benchmark, "available_host_bytes", lambda: 8 * 2**30)
+    cpu = torch.device("cpu")
+    assert benchmark.memory_shortfall(100 * 2**20, cpu) is None
+    assert benchmark.memory_shortfall(1 * 2**30, cpu).startswith("needs about 16.0 GiB of memory, 8.0 GiB")
+    assert benchmark.memory_shortfall(1 * 2**30, torch.device("cuda")) is None
+    records = benchmark.measure_side_by_side((1024, 1024, 16, 16), "fp32", ["cmbn", "batchnorm"], cpu,
+                                             benchmark.SETTINGS["quick"], 10.0)
+    assert len(records) == 4 and all(r["error"].startswith("skipped: needs about") for r in records)
+    monkeypatch.setattr(benchmark, "available_host_bytes", lambda: None)
+    assert benchmark.memory_shortfall(1 * 2**40, cpu) is None
+
+
+def test_side_by_side_skips_a_shape_expected_past_its_share(monkeypatch):
+    """A shape whose rounds, scaled from the largest shape measured so far, would take longer than its
+    share of the stage is recorded as skipped; smaller shapes after it are still measured."""
+    measured = []
+
+    def fake_measure(shape, dtype_key, variants, device, settings, cap_s):
+        measured.append(shape)
+        return [dict(benchmark.base_record(shape, dtype_key, p, v), median_ms=100.0)
+                for v in variants for p in benchmark.PASSES]
+
+    monkeypatch.setattr(benchmark, "measure_side_by_side", fake_measure)
+    records = []
+    # (1, 8, 8, 8) takes 0.4 s a round; (1, 8, 512, 512) is 4096x its size: expected 4 rounds x 0.4 s
+    # x 4096, far past its 30 s share of the minute.
+    configs = [((1, 8, 8, 8), "fp32"), ((1, 8, 512, 512), "fp32"), ((1, 8, 4, 4), "fp32")]
+    benchmark.run_configs(configs, ["pure", "pure_batchnorm"], torch.device("cpu"),
+                          benchmark.SETTINGS["quick"], time.time() + 60, None, records.extend,
+                          side_by_side=True)
+    assert measured == [(1, 8, 8, 8), (1, 8, 4, 4)]
+    skipped = [r for r in records if r.get("error")]
+    assert len(skipped) == 4 and all(tuple(r["shape"]) == (1, 8, 512, 512) for r in skipped)
+    assert skipped[0]["error"] == "skipped: out of time budget (expected to take longer than its share)"
+
+
+def test_host_overhead_stubs_take_over(tmp_path):
+    """The CPU host-cost proxy in its own process (its stubs replace kernels process-wide): one call of
+    each layer reached the stubs, and the table has every row."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(BENCH))
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "host_overhead.py"), "--device", "cpu",
+                             "--rounds", "1", "--calls", "2", "--out", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [json_name] = [n for n in os.listdir(tmp_path) if n.endswith(".json")]
+    document = json.loads((tmp_path / json_name).read_text())
+    ran = document["meta"]["stubs_ran"]
+    assert {"cmbn_train_forward", "cmbn_forward"} & set(ran["cmbn"]) and "cmbn_backward" in ran["cmbn"]
+    assert ran["batchnorm"] == ["native_batch_norm", "native_batch_norm_backward"]
+    assert [(r["shape"], r["pass"]) for r in document["rows"]] == [
+        (list(s), p) for s in ((2, 16, 8, 8), (2, 256, 14, 14)) for p in ("fwd", "fwd+bwd")]
+    assert all(_finite(r["ratio"]) and r["ratio"] > 0 for r in document["rows"])
+    assert "worst" in result.stdout.strip().splitlines()[-1]
 
 
 def _fake_gpu_results():
@@ -115,7 +281,7 @@ def test_pure_subprocess_plumbing_on_cpu():
                for r in records)
 
 
-def test_gpu_stages_run_on_the_cpu(tmp_path):
+def test_gpu_stages_run_on_the_cpu(tmp_path, fresh_budget):
     """The GPU part's orchestration (stages, the subprocess, merging, the report) with the CPU standing
     in for the GPU: no CUDA event or profiler runs, every variant's row is filled."""
     args = benchmark.parse_args(["--device", "cuda", "--out", str(tmp_path), "--quick", "--no-compile",
@@ -140,9 +306,14 @@ def test_parse_args():
     args = benchmark.parse_args(["--device", "cpu"])
     assert args.out.endswith(os.path.join("bench", "results"))
     assert args.shapes == benchmark.CPU_SHAPES and args.dtypes == ["fp32"]
-    assert (8, 64, 56, 56) in args.shapes and (2, 256, 28, 28) in args.shapes
+    assert args.threads == 1 and args.budget_s == 900
+    # The CPU target shapes first, then each GPU shape not among them, once.
+    assert args.shapes[:7] == report.CPU_TARGET_SHAPES
+    assert sorted(args.shapes) == sorted(set(report.CPU_TARGET_SHAPES) | set(benchmark.GPU_SHAPES))
+    assert benchmark.parse_args(["--device", "cpu", "--threads", "2"]).threads == 2
     args = benchmark.parse_args(["--device", "cuda", "--out", "x", "--shapes", "2x3x4x5"])
     assert args.shapes == [(2, 3, 4, 5)] and args.dtypes == ["fp16-cl", "fp32"] and args.budget_s == 140
+    assert args.threads is None
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--device", "cpu", "--shapes", "2x3x4"])
 

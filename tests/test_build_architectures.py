@@ -70,7 +70,7 @@ def test_the_build_compiles_for_its_choice_and_says_it(setup_py, monkeypatch, ca
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(setup_py, "visible_gpu_architectures", lambda torch: visible)
     monkeypatch.setattr(setup_py, "nvcc_architectures", lambda home: [(7, 5), (8, 0), (9, 0), (10, 0)])
-    extensions, _ = setup_py.cuda_extension()
+    extensions, _ = setup_py.extension()
     assert len(extensions) == 1 and os.environ["TORCH_CUDA_ARCH_LIST"] == expected
     out = capsys.readouterr().out
     assert f"TORCH_CUDA_ARCH_LIST={expected} (TORCH_CUDA_ARCH_LIST unset: " in out

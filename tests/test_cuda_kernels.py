@@ -12,8 +12,14 @@ channel, bitwise determinism, opcheck, torch.compile and the layers against the 
 reference ops; test_regime reaches every kernel instantiation in each regime and checks the bits the
 design promises. Outputs are poisoned first (the caching allocator is filled with NaN bytes) so an
 element a kernel forgets to write fails the comparison, and inputs lie between NaN margins so a read
-outside them does. Skipped without a GPU or without the compiled
-kernels, unless CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation).
+outside them does.
+
+One suite for every family of compiled kernels, one family per run (BACKEND): the emulated CUDA
+kernels when CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation), else the CUDA kernels on a
+GPU, else the CPU kernels of cmbn_ext._C (csrc/cpu/); CMBN_TESTED_KERNELS=cpu picks the CPU kernels on
+a machine with a GPU. The CPU kernels skip what only the CUDA kernels have (launch plans, the two
+paths, regimes, the CUDA profiler), and the tensors they allocate start as NaN (torch's deterministic
+mode fills new tensors). Skipped where none of them is loaded.
 """
 import copy
 import os
@@ -32,13 +38,21 @@ from cmbn_ext import ops, reference, window_state
 # CPU tensors stand for the device.
 EMULATED = emulation.requested()
 if EMULATED:
-    DEVICE = "cpu"
-elif not torch.cuda.is_available() or not cmbn_ext.has_cuda_kernels():
-    pytest.skip("needs a GPU and the compiled CUDA kernels (cmbn_ext._C)", allow_module_level=True)
+    BACKEND = "emulated"
+elif (torch.cuda.is_available() and cmbn_ext.has_cuda_kernels()
+      and os.environ.get("CMBN_TESTED_KERNELS") != "cpu"):
+    BACKEND = "cuda"
+elif cmbn_ext.has_cpu_kernels():
+    BACKEND = "cpu"
 else:
-    DEVICE = "cuda"
-gpu_only = pytest.mark.skipif(EMULATED, reason="a GPU-only check (4 GiB inputs, the CUDA profiler, "
-                                                "torch.compile's device code)")
+    pytest.skip("needs compiled kernels: a GPU and the CUDA kernels, or the CPU kernels (cmbn_ext._C)",
+                allow_module_level=True)
+DEVICE = "cuda" if BACKEND == "cuda" else "cpu"
+CUDA_KERNELS = BACKEND != "cpu"  # the CUDA kernels, on a GPU or emulated
+gpu_only = pytest.mark.skipif(BACKEND != "cuda", reason="a GPU-only check (4 GiB inputs, the CUDA "
+                                                        "profiler)")
+cuda_kernels_only = pytest.mark.skipif(not CUDA_KERNELS, reason="what only the CUDA kernels have: "
+                                                                "launch plans, two paths, regimes")
 
 # The fused ops' two paths (cmbn_ext/kernel_plan.py), forced per test through CMBN_KERNEL_PATH, which
 # the launchers read at every call: "two_pass" everywhere, "single_read" wherever it fits.
@@ -47,8 +61,26 @@ PATHS = ["two_pass", "single_read"]
 
 @pytest.fixture
 def kernel_path(request, monkeypatch):
+    if not CUDA_KERNELS and request.param != PATHS[0]:
+        pytest.skip("the CPU kernels have one path")
     monkeypatch.setenv("CMBN_KERNEL_PATH", request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _new_tensors_start_as_nan():
+    """On the CPU kernels, every tensor they allocate starts as NaN (torch's deterministic mode fills
+    new tensors), as the poisoned allocator does on a GPU and the emulation for its launchers: an
+    element a kernel never writes fails the comparison."""
+    if BACKEND != "cpu":
+        yield
+        return
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 both_paths = pytest.mark.parametrize("kernel_path", PATHS, indirect=True)
@@ -103,8 +135,9 @@ def poison_allocator(nbytes=1 << 20, channels=0):
     """Leave 0xFF bytes (NaN in every float dtype) in the caching allocator's free blocks, so that
     tensors allocated next start as NaN and an element a kernel never writes fails the test. Blocks of
     the size of the per-channel outputs (``channels`` fp64 values and less) are poisoned too. (The
-    emulated kernels poison every tensor they allocate themselves.)"""
-    if EMULATED:
+    emulated kernels poison every tensor they allocate themselves; the CPU kernels' tensors start as
+    NaN: see _new_tensors_start_as_nan.)"""
+    if DEVICE == "cpu":
         return
     sizes = [max(nbytes, 1 << 20)] * 3 + [n for n in (512, 4096, 65536, 262144) for _ in range(8)]
     sizes += [channels * 8] * 16 + [channels * 4] * 16 if channels else []
@@ -406,6 +439,42 @@ def test_bitwise_deterministic(shape, memory_format, dtype, kernel_path):
             assert_same_bits(b, a, "a rerun")
 
 
+@pytest.mark.skipif(BACKEND != "cpu", reason="the CPU kernels' threads (torch.set_num_threads)")
+@pytest.mark.parametrize("shape,memory_format", [
+    ((8, 64, 28, 28), torch.contiguous_format),
+    ((8, 64, 14, 14), torch.channels_last),
+    ((200003, 5), torch.contiguous_format),  # few channels, many values each
+    ((2, 3, 256, 256), torch.contiguous_format),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64],
+                         ids=["fp16", "fp32", "fp64"])
+def test_same_bits_for_any_thread_count(shape, memory_format, dtype):
+    """Each channel is reduced in a fixed order whatever thread runs it: every op gives the same bits
+    on one thread and on two."""
+    x = random_input(shape, dtype, memory_format)
+    weight, bias = random_parameters(shape[1], dtype)
+    history = random_history(2, shape[1], reference.stats_dtype(dtype))
+    grad_y = random_input(shape, dtype, memory_format, seed=3, offset=0.0)
+    count = torch.tensor(2 * reference.values_per_channel(x) + 1)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = run_forward(x, weight, bias, history, None)
+            grads = [g for exact in (False, True) for g in run_backward(grad_y, x, weight, out[1:], exact)]
+            batch_mean, batch_var = BATCH_STATS(x)
+            pooled = POOLED_FORWARD(x, weight, bias, count, batch_mean, batch_var, *history, EPS, 0.25)
+            sums = BACKWARD_SUMS(grad_y, x, batch_mean)
+            dx = BACKWARD_DX(grad_y, x, weight, *pooled[1:3], batch_mean, batch_var, pooled[3], *sums,
+                             count, EPS, True)
+            runs.append([t.clone() for t in (*out, *grads, batch_mean, batch_var, *pooled, *sums, dx)])
+    finally:
+        torch.set_num_threads(threads)
+    for i, (one, two) in enumerate(zip(*runs)):
+        assert_same_bits(two, one, f"output {i} on 2 threads against 1")
+
+
 # ---------------------------------------------------------------------------------- op contracts
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -427,7 +496,7 @@ def test_opcheck(dtype, memory_format):
 def test_bad_arguments_name_the_argument():
     x = random_input((4, 6, 5, 5), torch.float32)
     count, mean, var = random_history(1, 6, torch.float32)
-    if not EMULATED:  # emulated, the CPU is the kernels' device
+    if DEVICE == "cuda":  # on the CPU kernels (or emulated), the CPU is the kernels' device
         with pytest.raises(RuntimeError, match="history_count"):
             FORWARD(x, None, None, count.cpu(), mean, var, EPS, None, False)
     with pytest.raises(RuntimeError, match="weight"):
@@ -716,6 +785,7 @@ REGIME_RUNS = [(case, path) for case in REGIMES for path in PATHS
                if not (case.endswith("over_256_splits") and path == "single_read")]
 
 
+@cuda_kernels_only
 @pytest.mark.parametrize("case,kernel_path", REGIME_RUNS, indirect=["kernel_path"])
 def test_regime(case, kernel_path):
     shape, dtype, memory_format, template, phases = REGIMES[case]
@@ -762,6 +832,7 @@ def fused_outputs(x, weight, bias, history, grad_y, exact):
     return [t.clone() for t in (*out, *run_backward(grad_y, x, weight, out[1:], exact))]
 
 
+@cuda_kernels_only
 @pytest.mark.parametrize("case", list(PATH_CASES))
 def test_paths_give_the_same_bits(case, monkeypatch):
     """Both paths reduce the same values in the same threads and blocks with the same code, and write
@@ -796,6 +867,7 @@ def boundary_shapes(resident_blocks, held_packs, pack):
     return (1, channels, rows, width), (1, channels, rows + 1, width)
 
 
+@cuda_kernels_only
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_single_read_path_up_to_what_fits_on_chip(direction, monkeypatch):
     """auto takes the single-read path while every thread's share fits in its registers and the grid
@@ -896,6 +968,7 @@ def test_occupancy_and_plans_are_per_device(monkeypatch):
     assert again["co_resident_blocks"] == resident and again["cooperative"], again
 
 
+@cuda_kernels_only
 def test_the_kernels_hold_an_image_for_the_device():
     x = random_input((2, 3, 4, 4), torch.float32)
     assert torch.ops.cmbn_ext.cmbn_kernel_image(x)
@@ -951,6 +1024,7 @@ def test_without_a_kernel_image_the_reference_serves_with_one_warning():
     assert "TORCH_CUDA_ARCH_LIST" in messages[0] and "pure-PyTorch" in messages[0], messages[0]
 
 
+@cuda_kernels_only
 def test_kernel_path_switch_and_plan_errors(monkeypatch):
     x = random_input((2, 3, 4, 4), torch.float32)
     monkeypatch.setenv("CMBN_KERNEL_PATH", "fastest")
@@ -1025,9 +1099,12 @@ def to_device(state):
     return [None if t is None else t.to(DEVICE, copy=True) for t in state]
 
 
-def assert_same_state(kernel_state, cpu_state, dtype, what):
-    """Every buffer equal; floating ones to a few ulps of the looser of `dtype` (the layer's) and
-    their own dtype."""
+def assert_same_state(kernel_state, cpu_state, dtype, what, same_statistics=True):
+    """Every buffer equal; on the CUDA kernels floating ones to a few ulps of the looser of `dtype`
+    (the layer's) and their own dtype, on the CPU kernels bit for bit when both updates took the same
+    statistics (they round each value as the reference's tensor operations do, and no compiler
+    contracts their multiply-adds); `same_statistics=False` (each side's forward computed its own)
+    takes the tolerances there too."""
     names = ("window_count", "window_mean", "window_var", "window_step", "running_mean", "running_var",
              "num_batches_tracked")
     for name, got, want in zip(names, kernel_state, cpu_state):
@@ -1035,7 +1112,7 @@ def assert_same_state(kernel_state, cpu_state, dtype, what):
             assert got is None
             continue
         assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {name}"
-        if want.is_floating_point():
+        if want.is_floating_point() and (CUDA_KERNELS or not same_statistics):
             rtol, atol = (max(pair) for pair in zip(STATE_TOL[dtype], STATE_TOL[want.dtype]))
             torch.testing.assert_close(got.cpu(), want, rtol=rtol, atol=atol, equal_nan=True,
                                        msg=lambda m: f"{what}: {name}: {m}")
@@ -1141,8 +1218,8 @@ def test_update_state_zero_count_changes_nothing(mode, window, every):
 def test_update_state_count_on_the_cpu():
     """A CPU count with the state on the GPU (read on the host, a kernel argument) gives the bits of
     the same count on the device."""
-    if EMULATED:
-        pytest.skip("emulated, the CPU is the kernels' device")
+    if DEVICE == "cpu":
+        pytest.skip("the CPU is the kernels' device")
     for mode, window in (("cumulative", 3), ("sliding", 3), ("ema", None)):
         state = to_device(make_state(mode, window, 6, torch.float32, True))
         other = [None if t is None else t.clone() for t in state]
@@ -1205,9 +1282,10 @@ def test_update_state_bad_arguments_name_the_argument():
     for bad in (m.to(torch.int32), m.view(1)):
         with pytest.raises(RuntimeError, match="m must"):
             UPDATE_STATE(*state, bad, *stats, "cumulative", 2, 0.1)
-    if not EMULATED:  # emulated, the CPU is the kernels' device
-        with pytest.raises(RuntimeError, match="m must be >= 0"):  # a CPU count is read on the host
+    if not EMULATED:  # a CPU count is read on the host (emulated, it is the device's)
+        with pytest.raises(RuntimeError, match="m must be >= 0"):
             UPDATE_STATE(*state, torch.tensor(-1), *stats, "cumulative", 2, 0.1)
+    if DEVICE == "cuda":  # on the CPU kernels (or emulated), the CPU is the kernels' device
         with pytest.raises(RuntimeError, match="window_step"):
             UPDATE_STATE(*state[:3], state[3].cpu(), *state[4:], m, *stats, "cumulative", 2, 0.1)
     assert all(torch.equal(got, kept) for got, kept in zip(state, before))
@@ -1319,7 +1397,7 @@ def test_layer_state_matches_reference(shape, memory_format, split, options, dty
                      f"{name}.grad")
 
 
-@gpu_only
+@pytest.mark.skipif(EMULATED, reason="compiling for the emulated kernels' CPU device takes minutes")
 def test_compiled_model_matches_eager():
     """The layers inside torch.compile(fullgraph=True): outputs, gradients and every buffer after a few
     steps. Loose tolerances: the convolutions may pick other (TF32) algorithms when compiled; a lost

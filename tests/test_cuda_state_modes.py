@@ -1,7 +1,7 @@
 """The compiled state update and fused training op in deferred mode and with the running statistics
 updated after every micro-batch (``every_micro_batch``, Darknet's CmBN), against ``window_state`` and
-the reference on CPU copies of the same buffers. Skipped without a GPU or without the compiled
-kernels, unless CMBN_EMULATED_KERNELS runs them on the CPU (tests/emulation).
+the reference on CPU copies of the same buffers, on the kernels test_cuda_kernels.py runs (the CUDA
+kernels on a GPU or emulated, or the CPU kernels); skipped where it skips.
 """
 import pytest
 import torch
@@ -86,7 +86,8 @@ def test_deferred_train_forward_matches_reference(dtype, every):
         with torch.no_grad():
             ops._reference_train_forward(x.cpu(), weight, bias, *cpu_state, 1e-5, None, False,
                                          "deferred", 3, 0.1, every)
-        assert_same_state(kernel_state, cpu_state, params, f"step {step}")
+        # The kernels' statistics against the reference's: the state agrees to their rounding.
+        assert_same_state(kernel_state, cpu_state, params, f"step {step}", same_statistics=False)
         dy = random_input(x.shape, dtype, seed=10 + step)
         grad_x = torch.autograd.grad(y, leaves[0], dy)[0]
         x64 = x.cpu().double().requires_grad_()

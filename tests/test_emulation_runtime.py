@@ -168,3 +168,13 @@ def test_translate_rewrites_cooperative_launches():
         "  // cudaLaunchCooperativeKernel(...) in a comment stays\n")
     with pytest.raises(ValueError, match="expects cudaLaunchCooperativeKernel"):
         translate.translate("cudaLaunchCooperativeKernel(kernel, grid, block, args, 0, stream);")
+
+
+def test_the_cpu_kernels_stay_out_of_the_emulated_build(tmp_path):
+    """The emulated build translates csrc/ itself (the CUDA kernels, their launchers, the C++
+    autograd), never csrc/cpu/: in its processes the emulated kernels are the CPU's kernels."""
+    units = {os.path.basename(unit) for unit in translate.translate_tree(emulation.CSRC, str(tmp_path))}
+    cpu_kernels = {name for name in os.listdir(os.path.join(emulation.CSRC, "cpu"))
+                   if name.endswith(".cpp")}
+    assert {"register_cuda.cpp", "autograd.cpp"} <= units
+    assert cpu_kernels and not units & cpu_kernels, units & cpu_kernels

@@ -23,15 +23,64 @@ def setup_py(monkeypatch):
 
 def test_without_torch_the_build_is_pure_pytorch_and_says_how_to_compile(setup_py, monkeypatch, capsys):
     monkeypatch.delenv("CMBN_BUILD_CUDA", raising=False)
-    assert setup_py.cuda_extension() == ([], {})
+    assert setup_py.extension() == ([], {})
     assert "pip install --no-build-isolation -e ." in capsys.readouterr().out
 
 
 def test_without_torch_a_forced_kernel_build_stops_and_says_what_to_run(setup_py, monkeypatch):
     monkeypatch.setenv("CMBN_BUILD_CUDA", "1")
     with pytest.raises(SystemExit) as stopped:
-        setup_py.cuda_extension()
+        setup_py.extension()
     assert "pip install --no-build-isolation -e ." in str(stopped.value)
+
+
+@pytest.fixture
+def setup_with_torch(monkeypatch):
+    """setup.py, loaded without running setup(), where torch is importable (a build without
+    isolation); the switches start unset."""
+    monkeypatch.chdir(ROOT)
+    for switch in ("CMBN_BUILD_CPU", "CMBN_BUILD_CUDA"):
+        monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    spec = importlib.util.spec_from_file_location("cmbn_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sources(extension):
+    return {Path(source).as_posix() for source in extension.sources}
+
+
+def test_with_torch_the_cpu_kernels_are_built_without_cuda(setup_with_torch, monkeypatch):
+    """CMBN_BUILD_CUDA=0 still compiles _C with the CPU kernels and the C++ autograd, and nothing of
+    the CUDA build (its registration above all)."""
+    monkeypatch.setenv("CMBN_BUILD_CUDA", "0")
+    (extension,), cmdclass = setup_with_torch.extension()
+    assert extension.name == "cmbn_ext._C" and "build_ext" in cmdclass
+    cpu = {f"csrc/cpu/{path.name}" for path in (ROOT / "csrc" / "cpu").glob("*.cpp")}
+    assert _sources(extension) == cpu | {"csrc/autograd.cpp", "csrc/python_module.cpp"}
+    assert "csrc/cpu/register_cpu.cpp" in cpu
+
+
+def test_with_both_switches_off_nothing_is_compiled(setup_with_torch, monkeypatch):
+    monkeypatch.setenv("CMBN_BUILD_CUDA", "0")
+    monkeypatch.setenv("CMBN_BUILD_CPU", "0")
+    assert setup_with_torch.extension() == ([], {})
+
+
+@pytest.mark.parametrize("cpu", ["1", "0"])
+def test_a_cuda_build_adds_the_cuda_kernels(setup_with_torch, monkeypatch, cpu):
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        pytest.skip("needs a CUDA toolkit (CUDA_HOME)")
+    monkeypatch.setenv("CMBN_BUILD_CUDA", "1")
+    monkeypatch.setenv("CMBN_BUILD_CPU", cpu)
+    (extension,), _ = setup_with_torch.extension()
+    sources = _sources(extension)
+    assert {"csrc/register_cuda.cpp", "csrc/autograd.cpp", "csrc/cmbn_forward.cu"} <= sources
+    assert ("csrc/cpu/register_cpu.cpp" in sources) is (cpu == "1")
 
 
 def test_the_demo_writes_where_git_does_not_track():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cmbn_ext
+from cmbn_ext import ops
 
 
 def _op_args(dtype=torch.float32, fmt=torch.contiguous_format, affine=True, slots=1, ema=None,
@@ -108,12 +109,26 @@ def test_200_micro_batches_keep_no_graph(mode):
     assert torch.isfinite(conv.weight.grad).all()
 
 
-def test_has_cuda_kernels_reports_the_extension():
-    """True exactly when the compiled extension is present (CI compiles it): it must import even on
-    a machine without a GPU."""
+def _serves(op, dispatch_key):
+    """Where the kernel that serves ``op`` for ``dispatch_key`` was registered (the dispatcher's
+    table line)."""
+    table = torch._C._dispatch_dump_table(f"cmbn_ext::{op}")
+    return next((line for line in table.splitlines() if line.startswith(f"{dispatch_key}:")), "")
+
+
+@pytest.mark.parametrize("device,registration", [("cpu", "register_cpu.cpp"),
+                                                 ("cuda", "register_cuda.cpp")])
+def test_has_kernels_reports_the_extension(device, registration):
+    """has_cpu_kernels() / has_cuda_kernels() are True exactly when the compiled extension is loaded
+    with that family of kernels (CI compiles both; the CUDA ones import on a machine without a GPU),
+    and then every op is served by them."""
     built = importlib.util.find_spec("cmbn_ext._C") is not None
     wanted = os.environ.get("CMBN_DISABLE_KERNELS") != "1"
-    assert cmbn_ext.has_cuda_kernels() is (built and wanted)
+    has_kernels = getattr(cmbn_ext, f"has_{device}_kernels")()
+    registered = [registration in _serves(op, device.upper()) for op in ops.REFERENCE]
+    assert registered == [has_kernels] * len(registered)
+    if not (built and wanted):
+        assert not has_kernels
 
 
 def test_has_cuda_kernels_answers_per_device(monkeypatch):
@@ -146,10 +161,21 @@ def test_has_cuda_kernels_answers_per_device(monkeypatch):
 
 
 def test_kernels_can_be_disabled_from_the_environment():
-    code = "import cmbn_ext; print(cmbn_ext.has_cuda_kernels())"
-    env = dict(os.environ, CMBN_DISABLE_KERNELS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    """With CMBN_DISABLE_KERNELS=1 neither family loads, and the reference serves every op on the
+    CPU."""
+    code = ("import cmbn_ext, test_ops\n"
+            "print(cmbn_ext.has_cpu_kernels(), cmbn_ext.has_cuda_kernels())\n"
+            "for op in cmbn_ext.ops.REFERENCE:\n"
+            "    print(test_ops._serves(op, 'CPU'))\n")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, CMBN_DISABLE_KERNELS="1",
+               PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(tests))
+    first, *served = out.stdout.strip().splitlines()
+    assert first == "False False"
+    assert len(served) == len(ops.REFERENCE)
+    assert all(os.path.join("cmbn_ext", "ops.py") in line for line in served), served
 
 
 def test_double_backward_is_refused_clearly():

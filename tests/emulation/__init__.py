@@ -35,8 +35,14 @@ def requested():
 
 
 def load_if_requested():
-    """Loads the emulated kernels when ``requested()``, after the package has defined the ops."""
+    """Loads the emulated kernels when ``requested()``, after the package has defined the ops.
+
+    The package's own compiled kernels (cmbn_ext._C, with CPU kernels and the C++ autograd) stay
+    unloaded in such a process (``CMBN_DISABLE_KERNELS=1``, inherited by the processes it starts):
+    the emulated kernels are its one set of CPU kernels.
+    """
     if requested():
+        os.environ["CMBN_DISABLE_KERNELS"] = "1"
         import cmbn_ext  # noqa: F401
         load(address_sanitizer=os.environ["CMBN_EMULATED_KERNELS"] == "asan")
         report = os.environ.get("CMBN_EMULATION_LAUNCH_COUNTS")
@@ -59,11 +65,18 @@ def load(address_sanitizer=False, verbose=False):
         flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"]
         ldflags = ["-fsanitize=address"]
     source_dir = os.path.join(build_dir, "src")
+    # csrc/ itself: the CUDA kernels, their launchers and the C++ autograd; never csrc/cpu/, the CPU
+    # kernels, whose place on the CPU the emulated kernels take.
     units = translate.translate_tree(CSRC, source_dir) + [os.path.join(HERE, "runtime.cpp")]
     # Uninitialized locals start as a pattern (NaN-like), not as what the previous block left.
     flags += ["-ffp-contract=off", "-ftrivial-auto-var-init=pattern", "-Wno-unused-variable",
               "-include", os.path.join(HERE, "cuda_runtime.h"),
               "-include", os.path.join(HERE, "poisoned_tensors.h")]
+    from cmbn_ext import ops
+
+    # The reference's CPU registrations and Python autograd make way: the library registers its own,
+    # overriding none (refused where cmbn_ext._C is loaded).
+    ops.make_way_for_cpu_kernels()
     preload = os.environ.pop("LD_PRELOAD", None)  # the compiler and linker run without the sanitizer
     try:
         library = cpp_extension.load(

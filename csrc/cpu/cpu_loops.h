@@ -1,0 +1,733 @@
+// The vectorized loops of the CPU kernels, both directions (forward.cpp and backward.cpp call them
+// through run_forward / run_backward). This header is compiled once per instruction set: the includer
+// defines CMBN_CPU_LOOPS, the namespace of that build (baseline or avx2, see cpu_kernel_utils.h).
+//
+// Contiguous planes are spread over threads by channel, and each channel's passes run back to back,
+// so that the later ones read the channel from the cache. Rows of C channels (channels_last) are
+// reduced in chunks of rows that the shape alone fixes, merged in chunk order, then written row by
+// row. Either way each channel is reduced in one order whatever the thread count.
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu_kernel_utils.h"
+
+#ifndef CMBN_CPU_LOOPS
+#error "define CMBN_CPU_LOOPS (the namespace of this build of the loops) before including cpu_loops.h"
+#endif
+
+namespace cmbn {
+namespace cpu {
+namespace CMBN_CPU_LOOPS {
+
+// Vectorized loads and stores in the statistics' dtype
+
+template <typename scalar_t, typename acc_t>
+struct VecIO {
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t kSize = Vec::size();
+
+  static Vec load(const scalar_t* p) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return Vec::loadu(p);
+    } else {
+      acc_t wide[kSize];
+      for (int64_t i = 0; i < kSize; ++i) wide[i] = static_cast<acc_t>(p[i]);
+      return Vec::loadu(wide);
+    }
+  }
+
+  static void store(scalar_t* p, const Vec& v) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v.store(p);
+    } else {
+      acc_t wide[kSize];
+      v.store(wide);
+      for (int64_t i = 0; i < kSize; ++i) p[i] = static_cast<scalar_t>(wide[i]);
+    }
+  }
+};
+
+// The lanes of v added in a fixed order.
+template <typename acc_t>
+acc_t sum_lanes(const at::vec::Vectorized<acc_t>& v) {
+  constexpr int64_t kSize = at::vec::Vectorized<acc_t>::size();
+  acc_t lanes[kSize];
+  v.store(lanes);
+  acc_t total = 0;
+  for (int64_t i = 0; i < kSize; ++i) total += lanes[i];
+  return total;
+}
+
+// Sums f(v) over the values of one channel, given as spans (its planes), in a fixed order: four
+// vector accumulators and a scalar one for the ends of the spans, folded into outer accumulators
+// every kFold values so that no accumulator adds up more than a few thousand values (accuracy of a
+// long fp32 sum).
+template <typename scalar_t, typename acc_t>
+struct SpanSum {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t K = IO::kSize;
+  static constexpr int64_t kFold = 4096;
+
+  Vec a0 = Vec(acc_t(0)), a1 = Vec(acc_t(0)), a2 = Vec(acc_t(0)), a3 = Vec(acc_t(0));
+  Vec outer = Vec(acc_t(0));
+  acc_t tail = 0, outer_tail = 0;
+  int64_t pending = 0;
+
+  template <typename VecF, typename ScalarF>
+  void add(const scalar_t* p, int64_t n, const VecF& f, const ScalarF& sf) {
+    int64_t i = 0;
+    for (; i + 4 * K <= n; i += 4 * K) {
+      a0 += f(IO::load(p + i));
+      a1 += f(IO::load(p + i + K));
+      a2 += f(IO::load(p + i + 2 * K));
+      a3 += f(IO::load(p + i + 3 * K));
+    }
+    for (; i + K <= n; i += K) a0 += f(IO::load(p + i));
+    for (; i < n; ++i) tail += sf(static_cast<acc_t>(p[i]));
+    pending += n;
+    if (pending >= kFold) fold();
+  }
+
+  void fold() {
+    outer += (a0 + a1) + (a2 + a3);
+    a0 = a1 = a2 = a3 = Vec(acc_t(0));
+    outer_tail += tail;
+    tail = 0;
+    pending = 0;
+  }
+
+  acc_t result() {
+    fold();
+    return sum_lanes(outer) + outer_tail;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+
+// SPEC section 2: pool (mean_a, var_a) weighing 1 - b with (mean_b, var_b) weighing b, rounded step by
+// step as reference.pool is.
+template <typename acc_t>
+inline void pool_pair(acc_t mean_a, acc_t var_a, acc_t mean_b, acc_t var_b, acc_t b, acc_t& mean,
+                      acc_t& var) {
+  const acc_t a = acc_t(1) - b;
+  mean = a * mean_a + b * mean_b;
+  const acc_t delta_a = mean_a - mean;
+  const acc_t delta_b = mean_b - mean;
+  var = a * (var_a + delta_a * delta_a) + b * (var_b + delta_b * delta_b);
+}
+
+// reference.merge_history, current_weight and pool for channel c, given the micro-batch's statistics
+// over `count` values per channel; writes the pooled statistics and b, and returns y's per-channel
+// scale and shift: y = (x - mean) * scale + shift, centered first so that a large mean does not
+// cancel digits away.
+template <typename acc_t>
+void pool_channel(const Pooling<acc_t>& p, int64_t c, int64_t count, acc_t batch_mean,
+                  acc_t batch_var, acc_t& center, acc_t& scale, acc_t& shift) {
+  int64_t total = 0;
+  acc_t history_mean = 0;
+  acc_t history_var = 0;
+  if (p.slots > 0) {  // slot 0 as it is, then each later slot with its share of the running count
+    total = p.history_count[c];
+    history_mean = p.history_mean[c];
+    history_var = p.history_var[c];
+    for (int64_t slot = 1; slot < p.slots; ++slot) {
+      const int64_t i = slot * p.channels + c;
+      total += p.history_count[i];
+      const double share = static_cast<double>(p.history_count[i]) /
+                           static_cast<double>(std::max<int64_t>(total, 1));
+      pool_pair(history_mean, history_var, p.history_mean[i], p.history_var[i],
+                static_cast<acc_t>(share), history_mean, history_var);
+    }
+  }
+  acc_t b;
+  if (p.has_ema) {
+    b = total > 0 ? static_cast<acc_t>(p.ema_momentum) : acc_t(1);
+  } else {  // in fp64, a reciprocal then a product, as the reference writes it
+    b = static_cast<acc_t>((1.0 / static_cast<double>(total + count)) * static_cast<double>(count));
+  }
+  acc_t mean, var;
+  pool_pair(history_mean, history_var, batch_mean, batch_var, b, mean, var);
+  p.mean[c] = mean;
+  p.var[c] = var;
+  p.current_weight[c] = b;
+  const acc_t invstd = acc_t(1) / std::sqrt(var + p.eps);
+  center = mean;
+  scale = p.weight != nullptr ? invstd * p.weight[c] : invstd;
+  shift = p.bias != nullptr ? p.bias[c] : acc_t(0);
+}
+
+// y = (x - center) * scale + shift over n values.
+template <typename scalar_t, typename acc_t>
+void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, acc_t center, acc_t scale,
+                    acc_t shift) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const Vec vc(center), va(scale), vb(shift);
+  int64_t i = 0;
+  for (; i + 2 * K <= n; i += 2 * K) {
+    IO::store(y + i, (IO::load(x + i) - vc) * va + vb);
+    IO::store(y + i + K, (IO::load(x + i + K) - vc) * va + vb);
+  }
+  for (; i + K <= n; i += K) IO::store(y + i, (IO::load(x + i) - vc) * va + vb);
+  for (; i < n; ++i) {
+    y[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - center) * scale + shift);
+  }
+}
+
+// How much of x the statistics reduce while it stays in the cache. A channel of at most
+// kCachedChannel values (planes) or an x of at most kCachedRows values (rows) gets two passes over
+// all of it: the mean, then the squared deviations from it, the second pass reading from the cache.
+// Larger ones are cut into blocks of about kStatsBlock values, each reduced in two passes while it
+// is cached, and the blocks' (count, mean, M2) are merged with Chan's formula in block order: the
+// statistics then read x from memory once, and the normalization once more.
+constexpr int64_t kCachedChannel = 65536;
+constexpr int64_t kCachedRows = 262144;
+constexpr int64_t kStatsBlock = 16384;
+
+// Chan's merge of (count_b, mean_b, m2_b) into (count, mean, m2); a first block is taken as it is.
+template <typename acc_t>
+inline void chan_merge(int64_t& count, acc_t& mean, acc_t& m2, int64_t count_b, acc_t mean_b,
+                       acc_t m2_b) {
+  if (count == 0) {
+    count = count_b;
+    mean = mean_b;
+    m2 = m2_b;
+    return;
+  }
+  const int64_t total = count + count_b;
+  const acc_t delta = mean_b - mean;
+  mean += delta * static_cast<acc_t>(static_cast<double>(count_b) / static_cast<double>(total));
+  m2 += m2_b + delta * delta *
+                   static_cast<acc_t>(static_cast<double>(count) * static_cast<double>(count_b) /
+                                      static_cast<double>(total));
+  count = total;
+}
+
+// Mean and M2 (the sum of squared deviations from that mean) of `count` values given as spans:
+// spans(f) calls f(pointer, length) for each, always in the same order.
+template <typename scalar_t, typename acc_t, typename Spans>
+void two_pass_stats(const Spans& spans, int64_t count, acc_t& mean, acc_t& m2) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  SpanSum<scalar_t, acc_t> sum;
+  spans([&](const scalar_t* p, int64_t n) {
+    sum.add(p, n, [](const Vec& v) { return v; }, [](acc_t v) { return v; });
+  });
+  mean = sum.result() / static_cast<acc_t>(count);
+  const Vec vmean(mean);
+  const acc_t smean = mean;
+  SpanSum<scalar_t, acc_t> squares;
+  spans([&](const scalar_t* p, int64_t n) {
+    squares.add(
+        p, n,
+        [&](const Vec& v) {
+          const Vec d = v - vmean;
+          return d * d;
+        },
+        [&](acc_t v) {
+          const acc_t d = v - smean;
+          return d * d;
+        });
+  });
+  m2 = squares.result();
+}
+
+// Mean and biased variance of channel c of a plane layout.
+template <typename scalar_t, typename acc_t>
+void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& mean, acc_t& var) {
+  const int64_t m = L.values_per_channel();
+  if (m == 0) {  // an empty micro-batch has zero statistics (reference.batch_stats)
+    mean = 0;
+    var = 0;
+    return;
+  }
+  const int64_t plane_stride = L.channels * L.inner;
+  const scalar_t* channel = x + c * L.inner;
+  // Planes [n0, n1) of the channel, or the part [offset, offset + length) of plane n0.
+  const auto planes = [&](int64_t n0, int64_t n1) {
+    return [=](const auto& f) {
+      for (int64_t n = n0; n < n1; ++n) f(channel + n * plane_stride, L.inner);
+    };
+  };
+  acc_t m2;
+  if (m <= kCachedChannel) {
+    two_pass_stats<scalar_t>(planes(0, L.outer), m, mean, m2);
+  } else {
+    int64_t count = 0;
+    mean = 0;
+    m2 = 0;
+    acc_t block_mean, block_m2;
+    if (L.inner >= kStatsBlock) {  // blocks within each plane
+      for (int64_t n = 0; n < L.outer; ++n) {
+        for (int64_t offset = 0; offset < L.inner; offset += kStatsBlock) {
+          const int64_t length = std::min(kStatsBlock, L.inner - offset);
+          const scalar_t* part = channel + n * plane_stride + offset;
+          two_pass_stats<scalar_t>([=](const auto& f) { f(part, length); }, length, block_mean,
+                                   block_m2);
+          chan_merge(count, mean, m2, length, block_mean, block_m2);
+        }
+      }
+    } else {  // blocks of whole planes
+      const int64_t planes_per_block = kStatsBlock / L.inner;
+      for (int64_t n0 = 0; n0 < L.outer; n0 += planes_per_block) {
+        const int64_t n1 = std::min(L.outer, n0 + planes_per_block);
+        two_pass_stats<scalar_t>(planes(n0, n1), (n1 - n0) * L.inner, block_mean, block_m2);
+        chan_merge(count, mean, m2, (n1 - n0) * L.inner, block_mean, block_m2);
+      }
+    }
+  }
+  var = m2 / static_cast<acc_t>(m);
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_planes(const ForwardCall<scalar_t, acc_t>& call) {
+  const Layout& L = call.layout;
+  const int64_t m = L.values_per_channel();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(m, 1));
+  at::parallel_for(0, L.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t mean, var;
+      if (call.given_mean != nullptr) {
+        mean = call.given_mean[c];
+        var = call.given_var[c];
+      } else {
+        plane_channel_stats(L, call.x, c, mean, var);
+        call.batch_mean[c] = mean;
+        call.batch_var[c] = var;
+      }
+      if (call.pooling == nullptr) continue;
+      acc_t center, scale, shift;
+      pool_channel(*call.pooling, c, call.count, mean, var, center, scale, shift);
+      const int64_t plane_stride = L.channels * L.inner;
+      for (int64_t n = 0; n < L.outer; ++n) {
+        const int64_t offset = n * plane_stride + c * L.inner;
+        normalize_span(call.x + offset, call.y + offset, L.inner, center, scale, shift);
+      }
+    }
+  });
+}
+
+// Per-channel sums over the rows of a row layout: each chunk of rows into its own row of `partial`
+// (chunks x C), then the chunks added in chunk order into `total`.
+template <typename scalar_t, typename acc_t, typename VecF, typename ScalarF>
+void row_sums(const Layout& L, const scalar_t* x, acc_t* partial, acc_t* total, const VecF& f,
+              const ScalarF& sf) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const int64_t C = L.channels;
+  const int64_t chunk_rows = rows_per_chunk(L.outer);
+  const int64_t chunks = (L.outer + chunk_rows - 1) / chunk_rows;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* acc = partial + k * C;
+      std::fill(acc, acc + C, acc_t(0));
+      const int64_t row_end = std::min(L.outer, (k + 1) * chunk_rows);
+      for (int64_t r = k * chunk_rows; r < row_end; ++r) {
+        const scalar_t* row = x + r * C;
+        int64_t c = 0;
+        for (; c + K <= C; c += K) (Vec::loadu(acc + c) + f(IO::load(row + c), c)).store(acc + c);
+        for (; c < C; ++c) acc[c] += sf(static_cast<acc_t>(row[c]), c);
+      }
+    }
+  });
+  // The chunks' sums added in fp64: a long fp32 sequence of large chunk sums would lose digits of
+  // a channel with a large mean.
+  for (int64_t c = 0; c < C; ++c) {
+    double sum = 0;
+    for (int64_t k = 0; k < chunks; ++k) sum += static_cast<double>(partial[k * C + c]);
+    total[c] = static_cast<acc_t>(sum);
+  }
+}
+
+// Mean and biased variance per channel of a row layout larger than the cache: each chunk of rows
+// (rows_per_chunk) is reduced block by block (about kStatsBlock values, two passes while cached) and
+// the blocks merged in order (Chan); then the chunks are merged in chunk order, in fp64.
+template <typename scalar_t, typename acc_t>
+void row_block_stats(const Layout& L, const scalar_t* x, acc_t* mean, acc_t* var) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const int64_t C = L.channels;
+  const int64_t rows = L.outer;
+  const int64_t chunk_rows = rows_per_chunk(rows);
+  const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
+  // At most 1024 rows a block: each channel's sums are sequential over the rows of a block.
+  const int64_t block_rows = std::clamp<int64_t>(kStatsBlock / std::max<int64_t>(C, 1), 1, 1024);
+  // Per chunk: its mean and M2, then the current block's sum (then mean), M2 and shift.
+  std::vector<acc_t> partial(static_cast<size_t>(chunks * 5 * C));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* chunk_mean = partial.data() + k * 5 * C;
+      acc_t* chunk_m2 = chunk_mean + C;
+      acc_t* block_mean = chunk_m2 + C;
+      acc_t* block_m2 = block_mean + C;
+      acc_t* shift = block_m2 + C;
+      const int64_t row_end = std::min(rows, (k + 1) * chunk_rows);
+      int64_t count = 0;
+      for (int64_t r0 = k * chunk_rows; r0 < row_end; r0 += block_rows) {
+        const int64_t r1 = std::min(row_end, r0 + block_rows);
+        const int64_t block_count = r1 - r0;
+        // The block's mean from sums of x minus its first row: a large mean does not cancel the
+        // digits of a long sum.
+        for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[r0 * C + c]);
+        std::fill(block_mean, block_mean + 2 * C, acc_t(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = x + r * C;
+          int64_t c = 0;
+          for (; c + K <= C; c += K) {
+            (Vec::loadu(block_mean + c) + (IO::load(row + c) - Vec::loadu(shift + c))).store(block_mean + c);
+          }
+          for (; c < C; ++c) block_mean[c] += static_cast<acc_t>(row[c]) - shift[c];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          block_mean[c] = shift[c] + block_mean[c] / static_cast<acc_t>(block_count);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* row = x + r * C;
+          int64_t c = 0;
+          for (; c + K <= C; c += K) {
+            const Vec d = IO::load(row + c) - Vec::loadu(block_mean + c);
+            (Vec::loadu(block_m2 + c) + d * d).store(block_m2 + c);
+          }
+          for (; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - block_mean[c];
+            block_m2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          int64_t merged = count;
+          chan_merge(merged, chunk_mean[c], chunk_m2[c], block_count, block_mean[c], block_m2[c]);
+        }
+        count += block_count;
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    int64_t count = 0;
+    double total_mean = 0, total_m2 = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t chunk_count = std::min(rows, (k + 1) * chunk_rows) - k * chunk_rows;
+      chan_merge(count, total_mean, total_m2, chunk_count,
+                 static_cast<double>(partial[k * 5 * C + c]),
+                 static_cast<double>(partial[k * 5 * C + C + c]));
+    }
+    mean[c] = static_cast<acc_t>(total_mean);
+    var[c] = static_cast<acc_t>(total_m2 / static_cast<double>(rows));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_rows(const ForwardCall<scalar_t, acc_t>& call) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const Layout& L = call.layout;
+  const int64_t C = L.channels;
+  const int64_t m = L.outer;
+  const acc_t* mean = call.given_mean;
+  const acc_t* var = call.given_var;
+  if (mean == nullptr) {
+    if (m == 0) {  // an empty micro-batch has zero statistics (reference.batch_stats)
+      std::fill(call.batch_mean, call.batch_mean + C, acc_t(0));
+      std::fill(call.batch_var, call.batch_var + C, acc_t(0));
+    } else if (m * C <= kCachedRows) {
+      const int64_t chunks = (m + rows_per_chunk(m) - 1) / rows_per_chunk(m);
+      std::vector<acc_t> partial(static_cast<size_t>(chunks * C));
+      row_sums(L, call.x, partial.data(), call.batch_mean, [](const Vec& v, int64_t) { return v; },
+               [](acc_t v, int64_t) { return v; });
+      for (int64_t c = 0; c < C; ++c) call.batch_mean[c] /= static_cast<acc_t>(m);
+      const acc_t* mu = call.batch_mean;
+      row_sums(
+          L, call.x, partial.data(), call.batch_var,
+          [mu](const Vec& v, int64_t c) {
+            const Vec d = v - Vec::loadu(mu + c);
+            return d * d;
+          },
+          [mu](acc_t v, int64_t c) {
+            const acc_t d = v - mu[c];
+            return d * d;
+          });
+      for (int64_t c = 0; c < C; ++c) call.batch_var[c] /= static_cast<acc_t>(m);
+    } else {
+      row_block_stats(L, call.x, call.batch_mean, call.batch_var);
+    }
+    mean = call.batch_mean;
+    var = call.batch_var;
+  }
+  if (call.pooling == nullptr) return;
+  std::vector<acc_t> coefficients(static_cast<size_t>(3 * C));
+  acc_t* center = coefficients.data();
+  acc_t* scale = center + C;
+  acc_t* shift = scale + C;
+  for (int64_t c = 0; c < C; ++c) {
+    pool_channel(*call.pooling, c, call.count, mean[c], var[c], center[c], scale[c], shift[c]);
+  }
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = call.x + r * C;
+      scalar_t* out = call.y + r * C;
+      int64_t c = 0;
+      for (; c + K <= C; c += K) {
+        IO::store(out + c, (IO::load(row + c) - Vec::loadu(center + c)) * Vec::loadu(scale + c) +
+                               Vec::loadu(shift + c));
+      }
+      for (; c < C; ++c) {
+        out[c] = static_cast<scalar_t>((static_cast<acc_t>(row[c]) - center[c]) * scale[c] + shift[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void run_forward(const ForwardCall<scalar_t, acc_t>& call) {
+  if (call.layout.rows) {
+    forward_rows(call);
+  } else {
+    forward_planes(call);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward
+
+template <typename acc_t>
+struct DxCoefficients {
+  acc_t coef_dy, coef_xc, constant;
+};
+
+// reference.backward_dx's per-channel coefficients for channel c (and reference.parameter_grads),
+// written in the reference's order of operations.
+template <typename acc_t>
+DxCoefficients<acc_t> dx_coefficients(const GradParams<acc_t>& p, int64_t c, acc_t sum_dy,
+                                      acc_t sum_dy_xc) {
+  const acc_t count = static_cast<acc_t>(p.count);
+  const acc_t invstd = acc_t(1) / std::sqrt(p.var[c] + p.eps);
+  const acc_t shift = p.batch_mean[c] - p.mean[c];  // pooled xhat = ((x - batch_mean) + shift) * invstd
+  const acc_t sum_dy_xhat = invstd * (sum_dy_xc + shift * sum_dy);
+  if (p.grad_weight != nullptr) {
+    p.grad_weight[c] = sum_dy_xhat;
+    p.grad_bias[c] = sum_dy;
+  }
+  DxCoefficients<acc_t> k;
+  k.coef_dy = p.weight != nullptr ? invstd * p.weight[c] : invstd;
+  if (p.exact) {
+    // dx = invstd * (g - (b/m) sum(g) - xhat (b/m) sum(g * xhat))
+    const acc_t b_over_m = p.current_weight[c] / count;
+    k.coef_xc = -k.coef_dy * b_over_m * sum_dy_xhat * invstd;
+    k.constant = -k.coef_dy * b_over_m * sum_dy + k.coef_xc * shift;
+  } else {
+    // dx = invstd * (g - sum(g)/m - xhat_b sum(g * xhat_b)/m), xhat_b = (x - batch_mean) * invstd_b
+    k.coef_xc = -k.coef_dy * sum_dy_xc / (count * (p.batch_var[c] + p.eps));
+    k.constant = -k.coef_dy * sum_dy / count;
+  }
+  return k;
+}
+
+// dx = (constant + (x - batch_mean) * coef_xc) + dy * coef_dy over n values.
+template <typename scalar_t, typename acc_t>
+void dx_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t batch_mean,
+             const DxCoefficients<acc_t>& k) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const Vec vmean(batch_mean), vdy(k.coef_dy), vxc(k.coef_xc), vconst(k.constant);
+  int64_t i = 0;
+  for (; i + K <= n; i += K) {
+    IO::store(dx + i, (vconst + (IO::load(x + i) - vmean) * vxc) + IO::load(dy + i) * vdy);
+  }
+  for (; i < n; ++i) {
+    const acc_t centered = static_cast<acc_t>(x[i]) - batch_mean;
+    dx[i] = static_cast<scalar_t>((k.constant + centered * k.coef_xc) +
+                                  static_cast<acc_t>(dy[i]) * k.coef_dy);
+  }
+}
+
+// sum(dy) and sum(dy * (x - batch_mean)) over spans of one channel, in a fixed order (see SpanSum).
+template <typename scalar_t, typename acc_t>
+struct GradSpanSums {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t K = IO::kSize;
+  static constexpr int64_t kFold = 4096;
+
+  Vec dy0 = Vec(acc_t(0)), dy1 = Vec(acc_t(0)), xc0 = Vec(acc_t(0)), xc1 = Vec(acc_t(0));
+  Vec outer_dy = Vec(acc_t(0)), outer_xc = Vec(acc_t(0));
+  acc_t tail_dy = 0, tail_xc = 0, outer_tail_dy = 0, outer_tail_xc = 0;
+  int64_t pending = 0;
+
+  void add(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t mean) {
+    const Vec vmean(mean);
+    int64_t i = 0;
+    for (; i + 2 * K <= n; i += 2 * K) {
+      const Vec g0 = IO::load(dy + i);
+      const Vec g1 = IO::load(dy + i + K);
+      dy0 += g0;
+      dy1 += g1;
+      xc0 += g0 * (IO::load(x + i) - vmean);
+      xc1 += g1 * (IO::load(x + i + K) - vmean);
+    }
+    for (; i + K <= n; i += K) {
+      const Vec g = IO::load(dy + i);
+      dy0 += g;
+      xc0 += g * (IO::load(x + i) - vmean);
+    }
+    for (; i < n; ++i) {
+      const acc_t g = static_cast<acc_t>(dy[i]);
+      tail_dy += g;
+      tail_xc += g * (static_cast<acc_t>(x[i]) - mean);
+    }
+    pending += n;
+    if (pending >= kFold) fold();
+  }
+
+  void fold() {
+    outer_dy += dy0 + dy1;
+    outer_xc += xc0 + xc1;
+    dy0 = dy1 = xc0 = xc1 = Vec(acc_t(0));
+    outer_tail_dy += tail_dy;
+    outer_tail_xc += tail_xc;
+    tail_dy = tail_xc = 0;
+    pending = 0;
+  }
+
+  void result(acc_t& sum_dy, acc_t& sum_dy_xc) {
+    fold();
+    sum_dy = sum_lanes(outer_dy) + outer_tail_dy;
+    sum_dy_xc = sum_lanes(outer_xc) + outer_tail_xc;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void backward_planes(const BackwardCall<scalar_t, acc_t>& call) {
+  const Layout& L = call.layout;
+  const int64_t plane_stride = L.channels * L.inner;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L.values_per_channel(), 1));
+  at::parallel_for(0, L.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const acc_t mean = call.batch_mean[c];
+      acc_t sum_dy, sum_dy_xc;
+      if (call.given_sum_dy != nullptr) {
+        sum_dy = call.given_sum_dy[c];
+        sum_dy_xc = call.given_sum_dy_xc[c];
+      } else {
+        GradSpanSums<scalar_t, acc_t> sums;
+        for (int64_t n = 0; n < L.outer; ++n) {
+          const int64_t offset = n * plane_stride + c * L.inner;
+          sums.add(call.grad_y + offset, call.x + offset, L.inner, mean);
+        }
+        sums.result(sum_dy, sum_dy_xc);
+        call.sum_dy[c] = sum_dy;
+        call.sum_dy_xc[c] = sum_dy_xc;
+      }
+      if (call.params == nullptr) continue;
+      const DxCoefficients<acc_t> k = dx_coefficients(*call.params, c, sum_dy, sum_dy_xc);
+      for (int64_t n = 0; n < L.outer; ++n) {
+        const int64_t offset = n * plane_stride + c * L.inner;
+        dx_span(call.grad_y + offset, call.x + offset, call.grad_x + offset, L.inner, mean, k);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const Layout& L = call.layout;
+  const int64_t C = L.channels;
+  const int64_t rows = L.outer;
+  const acc_t* bm = call.batch_mean;
+  const acc_t* sum_dy = call.given_sum_dy;
+  const acc_t* sum_dy_xc = call.given_sum_dy_xc;
+  if (sum_dy == nullptr) {
+    // Chunks of rows into their own partial sums (chunks x 2C), then merged in chunk order.
+    const int64_t chunk_rows = rows_per_chunk(rows);
+    const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
+    std::vector<acc_t> partial(static_cast<size_t>(chunks * 2 * C));
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        acc_t* acc_dy = partial.data() + k * 2 * C;
+        acc_t* acc_xc = acc_dy + C;
+        std::fill(acc_dy, acc_dy + 2 * C, acc_t(0));
+        const int64_t row_end = std::min(rows, (k + 1) * chunk_rows);
+        for (int64_t r = k * chunk_rows; r < row_end; ++r) {
+          const scalar_t* g = call.grad_y + r * C;
+          const scalar_t* xr = call.x + r * C;
+          int64_t c = 0;
+          for (; c + K <= C; c += K) {
+            const Vec vg = IO::load(g + c);
+            (Vec::loadu(acc_dy + c) + vg).store(acc_dy + c);
+            (Vec::loadu(acc_xc + c) + vg * (IO::load(xr + c) - Vec::loadu(bm + c))).store(acc_xc + c);
+          }
+          for (; c < C; ++c) {
+            const acc_t vg = static_cast<acc_t>(g[c]);
+            acc_dy[c] += vg;
+            acc_xc[c] += vg * (static_cast<acc_t>(xr[c]) - bm[c]);
+          }
+        }
+      }
+    });
+    // The chunks' sums added in chunk order, in fp64 (see forward.cpp's row_sums).
+    for (int64_t c = 0; c < C; ++c) {
+      double total_dy = 0, total_xc = 0;
+      for (int64_t k = 0; k < chunks; ++k) {
+        total_dy += static_cast<double>(partial[k * 2 * C + c]);
+        total_xc += static_cast<double>(partial[k * 2 * C + C + c]);
+      }
+      call.sum_dy[c] = static_cast<acc_t>(total_dy);
+      call.sum_dy_xc[c] = static_cast<acc_t>(total_xc);
+    }
+    sum_dy = call.sum_dy;
+    sum_dy_xc = call.sum_dy_xc;
+  }
+  if (call.params == nullptr) return;
+  std::vector<acc_t> coefficients(static_cast<size_t>(3 * C));
+  acc_t* coef_dy = coefficients.data();
+  acc_t* coef_xc = coef_dy + C;
+  acc_t* constant = coef_xc + C;
+  for (int64_t c = 0; c < C; ++c) {
+    const DxCoefficients<acc_t> k = dx_coefficients(*call.params, c, sum_dy[c], sum_dy_xc[c]);
+    coef_dy[c] = k.coef_dy;
+    coef_xc[c] = k.coef_xc;
+    constant[c] = k.constant;
+  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* g = call.grad_y + r * C;
+      const scalar_t* xr = call.x + r * C;
+      scalar_t* out = call.grad_x + r * C;
+      int64_t c = 0;
+      for (; c + K <= C; c += K) {
+        const Vec centered = IO::load(xr + c) - Vec::loadu(bm + c);
+        IO::store(out + c, (Vec::loadu(constant + c) + centered * Vec::loadu(coef_xc + c)) +
+                               IO::load(g + c) * Vec::loadu(coef_dy + c));
+      }
+      for (; c < C; ++c) {
+        const acc_t centered = static_cast<acc_t>(xr[c]) - bm[c];
+        out[c] = static_cast<scalar_t>((constant[c] + centered * coef_xc[c]) +
+                                       static_cast<acc_t>(g[c]) * coef_dy[c]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void run_backward(const BackwardCall<scalar_t, acc_t>& call) {
+  if (call.layout.rows) {
+    backward_rows(call);
+  } else {
+    backward_planes(call);
+  }
+}
+
+}  // namespace CMBN_CPU_LOOPS
+}  // namespace cpu
+}  // namespace cmbn
