@@ -452,7 +452,8 @@ void row_block_stats(const Layout& L, const scalar_t* x, acc_t* mean, acc_t* var
   });
   std::vector<ChanWeights<double>> chunk_weights(static_cast<size_t>(chunks));
   for (int64_t k = 0; k < chunks; ++k) {
-    chunk_weights[k] = chan_weights<double>(k * chunk_rows, std::min(rows, (k + 1) * chunk_rows) - k * chunk_rows);
+    const int64_t chunk_count = std::min(rows, (k + 1) * chunk_rows) - k * chunk_rows;
+    chunk_weights[k] = chan_weights<double>(k * chunk_rows, chunk_count);
   }
   for (int64_t c = 0; c < C; ++c) {
     double total_mean = 0, total_m2 = 0;
@@ -552,7 +553,8 @@ DxCoefficients<acc_t> dx_coefficients(const GradParams<acc_t>& p, int64_t c, acc
                                       acc_t sum_dy_xc) {
   const acc_t count = static_cast<acc_t>(p.count);
   const acc_t invstd = acc_t(1) / std::sqrt(p.var[c] + p.eps);
-  const acc_t shift = p.batch_mean[c] - p.mean[c];  // pooled xhat = ((x - batch_mean) + shift) * invstd
+  // Pooled xhat = ((x - batch_mean) + shift) * invstd.
+  const acc_t shift = p.batch_mean[c] - p.mean[c];
   const acc_t sum_dy_xhat = invstd * (sum_dy_xc + shift * sum_dy);
   if (p.grad_weight != nullptr) {
     p.grad_weight[c] = sum_dy_xhat;
