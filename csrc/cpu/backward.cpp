@@ -46,9 +46,12 @@ SavedStatistics saved_statistics(const char* op, const at::Tensor& x,
   check_channel_vector(op, batch_var, "batch_var", x);
   check_channel_vector(op, b, "b", x);
   const at::ScalarType dtype = stats_dtype(x.scalar_type());
-  return SavedStatistics{optional_as_dtype(weight, dtype),          as_dtype_contiguous(mean, dtype),
-                         as_dtype_contiguous(var, dtype),           as_dtype_contiguous(batch_mean, dtype),
-                         as_dtype_contiguous(batch_var, dtype),     as_dtype_contiguous(b, dtype)};
+  return SavedStatistics{optional_as_dtype(weight, dtype),
+                         as_dtype_contiguous(mean, dtype),
+                         as_dtype_contiguous(var, dtype),
+                         as_dtype_contiguous(batch_mean, dtype),
+                         as_dtype_contiguous(batch_var, dtype),
+                         as_dtype_contiguous(b, dtype)};
 }
 
 template <typename acc_t>

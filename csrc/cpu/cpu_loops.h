@@ -189,23 +189,36 @@ constexpr int64_t kCachedChannel = 65536;
 constexpr int64_t kCachedRows = 262144;
 constexpr int64_t kStatsBlock = 16384;
 
-// Chan's merge of (count_b, mean_b, m2_b) into (count, mean, m2); a first block is taken as it is.
+// The weights of Chan's merge of a block of count_b values into count values (see chan_merge),
+// computed once for all the channels that share the counts.
 template <typename acc_t>
-inline void chan_merge(int64_t& count, acc_t& mean, acc_t& m2, int64_t count_b, acc_t mean_b,
+struct ChanWeights {
+  acc_t share;  // count_b / total
+  acc_t cross;  // count * count_b / total
+  bool first;   // count == 0: the block is taken as it is
+};
+
+template <typename acc_t>
+ChanWeights<acc_t> chan_weights(int64_t count, int64_t count_b) {
+  const double total = static_cast<double>(count + count_b);
+  return ChanWeights<acc_t>{static_cast<acc_t>(static_cast<double>(count_b) / total),
+                            static_cast<acc_t>(static_cast<double>(count) *
+                                               static_cast<double>(count_b) / total),
+                            count == 0};
+}
+
+// Chan's merge of a block's (mean_b, m2_b) into (mean, m2).
+template <typename acc_t>
+inline void chan_merge(const ChanWeights<acc_t>& w, acc_t& mean, acc_t& m2, acc_t mean_b,
                        acc_t m2_b) {
-  if (count == 0) {
-    count = count_b;
+  if (w.first) {
     mean = mean_b;
     m2 = m2_b;
     return;
   }
-  const int64_t total = count + count_b;
   const acc_t delta = mean_b - mean;
-  mean += delta * static_cast<acc_t>(static_cast<double>(count_b) / static_cast<double>(total));
-  m2 += m2_b + delta * delta *
-                   static_cast<acc_t>(static_cast<double>(count) * static_cast<double>(count_b) /
-                                      static_cast<double>(total));
-  count = total;
+  mean += delta * w.share;
+  m2 += m2_b + delta * delta * w.cross;
 }
 
 // Mean and M2 (the sum of squared deviations from that mean) of `count` values given as spans:
@@ -268,7 +281,8 @@ void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& m
           const scalar_t* part = channel + n * plane_stride + offset;
           two_pass_stats<scalar_t>([=](const auto& f) { f(part, length); }, length, block_mean,
                                    block_m2);
-          chan_merge(count, mean, m2, length, block_mean, block_m2);
+          chan_merge(chan_weights<acc_t>(count, length), mean, m2, block_mean, block_m2);
+          count += length;
         }
       }
     } else {  // blocks of whole planes
@@ -276,7 +290,8 @@ void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& m
       for (int64_t n0 = 0; n0 < L.outer; n0 += planes_per_block) {
         const int64_t n1 = std::min(L.outer, n0 + planes_per_block);
         two_pass_stats<scalar_t>(planes(n0, n1), (n1 - n0) * L.inner, block_mean, block_m2);
-        chan_merge(count, mean, m2, (n1 - n0) * L.inner, block_mean, block_m2);
+        chan_merge(chan_weights<acc_t>(count, (n1 - n0) * L.inner), mean, m2, block_mean, block_m2);
+        count += (n1 - n0) * L.inner;
       }
     }
   }
@@ -311,6 +326,46 @@ void forward_planes(const ForwardCall<scalar_t, acc_t>& call) {
   });
 }
 
+// acc[c] += f(x[r][c], c) over the rows [r0, r1) of a row layout of C channels, each channel in row
+// order; four rows a sweep, so that acc is loaded and stored once per four rows.
+template <typename scalar_t, typename acc_t, typename VecF, typename ScalarF>
+void accumulate_rows(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t* acc, const VecF& f,
+                     const ScalarF& sf) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const scalar_t* x0 = x + r * C;
+    const scalar_t* x1 = x0 + C;
+    const scalar_t* x2 = x1 + C;
+    const scalar_t* x3 = x2 + C;
+    int64_t c = 0;
+    for (; c + K <= C; c += K) {
+      Vec a = Vec::loadu(acc + c);
+      a = a + f(IO::load(x0 + c), c);
+      a = a + f(IO::load(x1 + c), c);
+      a = a + f(IO::load(x2 + c), c);
+      a = a + f(IO::load(x3 + c), c);
+      a.store(acc + c);
+    }
+    for (; c < C; ++c) {
+      acc_t a = acc[c];
+      a += sf(static_cast<acc_t>(x0[c]), c);
+      a += sf(static_cast<acc_t>(x1[c]), c);
+      a += sf(static_cast<acc_t>(x2[c]), c);
+      a += sf(static_cast<acc_t>(x3[c]), c);
+      acc[c] = a;
+    }
+  }
+  for (; r < r1; ++r) {
+    const scalar_t* row = x + r * C;
+    int64_t c = 0;
+    for (; c + K <= C; c += K) (Vec::loadu(acc + c) + f(IO::load(row + c), c)).store(acc + c);
+    for (; c < C; ++c) acc[c] += sf(static_cast<acc_t>(row[c]), c);
+  }
+}
+
 // Per-channel sums over the rows of a row layout: each chunk of rows into its own row of `partial`
 // (chunks x C), then the chunks added in chunk order into `total`.
 template <typename scalar_t, typename acc_t, typename VecF, typename ScalarF>
@@ -326,13 +381,7 @@ void row_sums(const Layout& L, const scalar_t* x, acc_t* partial, acc_t* total, 
     for (int64_t k = begin; k < end; ++k) {
       acc_t* acc = partial + k * C;
       std::fill(acc, acc + C, acc_t(0));
-      const int64_t row_end = std::min(L.outer, (k + 1) * chunk_rows);
-      for (int64_t r = k * chunk_rows; r < row_end; ++r) {
-        const scalar_t* row = x + r * C;
-        int64_t c = 0;
-        for (; c + K <= C; c += K) (Vec::loadu(acc + c) + f(IO::load(row + c), c)).store(acc + c);
-        for (; c < C; ++c) acc[c] += sf(static_cast<acc_t>(row[c]), c);
-      }
+      accumulate_rows(x, C, k * chunk_rows, std::min(L.outer, (k + 1) * chunk_rows), acc, f, sf);
     }
   });
   // The chunks' sums added in fp64: a long fp32 sequence of large chunk sums would lose digits of
@@ -376,44 +425,40 @@ void row_block_stats(const Layout& L, const scalar_t* x, acc_t* mean, acc_t* var
         // digits of a long sum.
         for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[r0 * C + c]);
         std::fill(block_mean, block_mean + 2 * C, acc_t(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = x + r * C;
-          int64_t c = 0;
-          for (; c + K <= C; c += K) {
-            (Vec::loadu(block_mean + c) + (IO::load(row + c) - Vec::loadu(shift + c))).store(block_mean + c);
-          }
-          for (; c < C; ++c) block_mean[c] += static_cast<acc_t>(row[c]) - shift[c];
-        }
+        accumulate_rows(
+            x, C, r0, r1, block_mean,
+            [shift](const Vec& v, int64_t c) { return v - Vec::loadu(shift + c); },
+            [shift](acc_t v, int64_t c) { return v - shift[c]; });
         for (int64_t c = 0; c < C; ++c) {
           block_mean[c] = shift[c] + block_mean[c] / static_cast<acc_t>(block_count);
         }
-        for (int64_t r = r0; r < r1; ++r) {
-          const scalar_t* row = x + r * C;
-          int64_t c = 0;
-          for (; c + K <= C; c += K) {
-            const Vec d = IO::load(row + c) - Vec::loadu(block_mean + c);
-            (Vec::loadu(block_m2 + c) + d * d).store(block_m2 + c);
-          }
-          for (; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(row[c]) - block_mean[c];
-            block_m2[c] += d * d;
-          }
-        }
+        accumulate_rows(
+            x, C, r0, r1, block_m2,
+            [block_mean](const Vec& v, int64_t c) {
+              const Vec d = v - Vec::loadu(block_mean + c);
+              return d * d;
+            },
+            [block_mean](acc_t v, int64_t c) {
+              const acc_t d = v - block_mean[c];
+              return d * d;
+            });
+        const ChanWeights<acc_t> weights = chan_weights<acc_t>(count, block_count);
         for (int64_t c = 0; c < C; ++c) {
-          int64_t merged = count;
-          chan_merge(merged, chunk_mean[c], chunk_m2[c], block_count, block_mean[c], block_m2[c]);
+          chan_merge(weights, chunk_mean[c], chunk_m2[c], block_mean[c], block_m2[c]);
         }
         count += block_count;
       }
     }
   });
+  std::vector<ChanWeights<double>> chunk_weights(static_cast<size_t>(chunks));
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t chunk_count = std::min(rows, (k + 1) * chunk_rows) - k * chunk_rows;
+    chunk_weights[k] = chan_weights<double>(k * chunk_rows, chunk_count);
+  }
   for (int64_t c = 0; c < C; ++c) {
-    int64_t count = 0;
     double total_mean = 0, total_m2 = 0;
     for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t chunk_count = std::min(rows, (k + 1) * chunk_rows) - k * chunk_rows;
-      chan_merge(count, total_mean, total_m2, chunk_count,
-                 static_cast<double>(partial[k * 5 * C + c]),
+      chan_merge(chunk_weights[k], total_mean, total_m2, static_cast<double>(partial[k * 5 * C + c]),
                  static_cast<double>(partial[k * 5 * C + C + c]));
     }
     mean[c] = static_cast<acc_t>(total_mean);
@@ -508,7 +553,8 @@ DxCoefficients<acc_t> dx_coefficients(const GradParams<acc_t>& p, int64_t c, acc
                                       acc_t sum_dy_xc) {
   const acc_t count = static_cast<acc_t>(p.count);
   const acc_t invstd = acc_t(1) / std::sqrt(p.var[c] + p.eps);
-  const acc_t shift = p.batch_mean[c] - p.mean[c];  // pooled xhat = ((x - batch_mean) + shift) * invstd
+  // Pooled xhat = ((x - batch_mean) + shift) * invstd.
+  const acc_t shift = p.batch_mean[c] - p.mean[c];
   const acc_t sum_dy_xhat = invstd * (sum_dy_xc + shift * sum_dy);
   if (p.grad_weight != nullptr) {
     p.grad_weight[c] = sum_dy_xhat;
@@ -657,7 +703,33 @@ void backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
         acc_t* acc_xc = acc_dy + C;
         std::fill(acc_dy, acc_dy + 2 * C, acc_t(0));
         const int64_t row_end = std::min(rows, (k + 1) * chunk_rows);
-        for (int64_t r = k * chunk_rows; r < row_end; ++r) {
+        int64_t r = k * chunk_rows;
+        // Four rows a sweep (see accumulate_rows), each channel still in row order.
+        for (; r + 4 <= row_end; r += 4) {
+          const scalar_t* g = call.grad_y + r * C;
+          const scalar_t* xr = call.x + r * C;
+          int64_t c = 0;
+          for (; c + K <= C; c += K) {
+            const Vec mean = Vec::loadu(bm + c);
+            Vec a_dy = Vec::loadu(acc_dy + c);
+            Vec a_xc = Vec::loadu(acc_xc + c);
+            for (int64_t i = 0; i < 4; ++i) {
+              const Vec vg = IO::load(g + i * C + c);
+              a_dy = a_dy + vg;
+              a_xc = a_xc + vg * (IO::load(xr + i * C + c) - mean);
+            }
+            a_dy.store(acc_dy + c);
+            a_xc.store(acc_xc + c);
+          }
+          for (; c < C; ++c) {
+            for (int64_t i = 0; i < 4; ++i) {
+              const acc_t vg = static_cast<acc_t>(g[i * C + c]);
+              acc_dy[c] += vg;
+              acc_xc[c] += vg * (static_cast<acc_t>(xr[i * C + c]) - bm[c]);
+            }
+          }
+        }
+        for (; r < row_end; ++r) {
           const scalar_t* g = call.grad_y + r * C;
           const scalar_t* xr = call.x + r * C;
           int64_t c = 0;

@@ -1,6 +1,6 @@
 // The CmBN forward family on the CPU (SPEC sections 1 to 3, reference.forward):
-//   cmbn_forward:        the micro-batch's statistics (two passes: the mean, then the sum of squared
-//                        deviations), the pooling with the history, and y, in one op;
+//   cmbn_forward:        the micro-batch's statistics (the mean, then the squared deviations from it,
+//                        see cpu_loops.h), the pooling with the history, and y, in one op;
 //   cmbn_batch_stats:    the statistics alone;
 //   cmbn_pooled_forward: the pooling and y from statistics the caller gives (the whole group's).
 // This file checks the arguments, allocates the outputs and hands the pointers to the loops
