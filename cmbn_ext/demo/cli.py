@@ -13,9 +13,9 @@ into micro-batches, and the normalization layers are the only thing that changes
 Methods (``training.METHODS``): BatchNorm on the full optimizer batch (the ceiling), BatchNorm per
 micro-batch (what gradient accumulation gives), CmBN in cumulative, sliding, EMA and deferred mode with the
 default gradient (deferred pools the window for the running statistics only), GroupNorm, and, as an
-ablation, cumulative CmBN with ``grad="exact"``. Each method gets the same
-learning-rate sweep and is reported at its best rate on a validation split; then the time per optimizer
-step of each, on the CPU and, when there is one, on the GPU.
+ablation, cumulative CmBN with ``grad="exact"``. Each method gets the same learning-rate sweep and is
+reported at its best rate on a validation split; then the time per optimizer step of each, on the CPU
+and, when there is one, on the GPU.
 
 Output: a progress bar, then the headline table (segmentation) on stdout; ``results.md`` (protocol,
 machine, every table), ``results.png`` (plot) and ``results.json`` (every run) in ``demo_results/``, which
