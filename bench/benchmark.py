@@ -11,7 +11,8 @@ Results go to ``DIR/<device>.json`` and ``DIR/<device>.md`` (default DIR: bench/
 is printed. The GPU part holds itself to ``--budget-s`` seconds (default 140; bench/gpu_check.sh gives 90):
 the pure-PyTorch path runs in a subprocess with ``CMBN_DISABLE_KERNELS=1`` so the package is used as
 shipped; whatever does not fit the budget, or fails, is recorded as such in the table and the run goes
-on. Timers, bandwidth and launch counts are in ``timing.py``, the tables in ``report.py``.
+on. Timers, bandwidth and launch counts are in ``timing.py``, the tables in ``report.py``, the shapes and
+dtypes in ``shapes.py``.
 
 The CPU part (one torch thread unless ``--threads``; ``--budget-s``, default 900) times, per shape,
 CrossMiniBatchNorm2d on the CPU kernels of ``cmbn_ext._C``, BatchNorm2d and the article's sample side
@@ -51,16 +52,8 @@ import report  # noqa: E402
 import timing  # noqa: E402
 import traffic_model  # noqa: E402
 from cmbn_ext import reference  # noqa: E402
+from shapes import CPU_SHAPES, DTYPES, GPU_SHAPES  # noqa: E402,F401  (bench/shapes.py)
 
-GPU_SHAPES = [(8, 64, 112, 112), (8, 64, 56, 56), (16, 256, 56, 56), (8, 512, 28, 28),
-              (8, 1024, 14, 14), (8, 2048, 7, 7), (8, 32, 512, 512), (8, 64, 256, 256),
-              (8, 128, 128, 128), (8, 256, 64, 64), (8, 1024, 16, 16), (2, 32, 608, 608)]
-# The CPU target shapes first (the targets are over those), then the GPU shapes, where they fit in memory.
-CPU_SHAPES = report.CPU_TARGET_SHAPES + [s for s in GPU_SHAPES if s not in report.CPU_TARGET_SHAPES]
-DTYPES = {  # key -> (dtype, memory format)
-    "fp16-cl": (torch.float16, torch.channels_last),
-    "fp32": (torch.float32, torch.contiguous_format),
-}
 GPU_VARIANTS = [("cmbn", "CmBN kernels (auto path)"), ("cmbn_two_pass", "CmBN kernels, two_pass forced"),
                 ("cmbn_single_read", "CmBN kernels, single_read forced"), ("batchnorm", "BatchNorm2d"),
                 ("pure", "pure PyTorch"), ("compiled", "compiled pure")]

@@ -12,6 +12,7 @@ import re
 import statistics
 
 import traffic_model
+from shapes import CPU_TARGET_SHAPES
 
 # Bytes that must move per element of x: forward reads x and writes y; backward reads x and dy and
 # writes dx. A forward+backward row moves both.
@@ -22,8 +23,6 @@ GPU_TARGETS = {"vs_batchnorm": 0.8, "floor_share": 0.8, "vs_pure": 5.0}
 # CPU, one thread, fwd+bwd: CmBN on its kernels / BatchNorm2d, median and worst over CPU_TARGET_SHAPES;
 # the end-to-end step (CmBN step / BatchNorm2d step).
 CPU_TARGETS = {"median": 1.10, "worst": 1.25, "e2e": 1.25}
-CPU_TARGET_SHAPES = [(8, 64, 56, 56), (2, 256, 28, 28), (8, 512, 28, 28), (8, 1024, 14, 14),
-                     (8, 2048, 7, 7), (2, 32, 32, 32), (1, 64, 16, 16)]
 # The CPU ratios summarized: (title, ratio column, the end-to-end step's (numerator, denominator)).
 CPU_SUMMARY = [("CmBN kernels / BatchNorm2d", "CmBN/BN", ("cmbn", "batchnorm")),
                ("pure PyTorch / BatchNorm2d", "pure/BN", ("pure", "pure_batchnorm"))]

@@ -235,11 +235,11 @@ def discover_instantiations(args):
     process of its own, whose planner caches its occupancy answers and is then discarded."""
     load_emulated_kernels(args.sms)
     import cmbn_ext
-    import benchmark
+    import shapes
     import torch
     found = []
-    for dtype, memory_format in benchmark.DTYPES.values():
-        for shape in benchmark.GPU_SHAPES:
+    for dtype, memory_format in shapes.DTYPES.values():
+        for shape in shapes.GPU_SHAPES:
             x = torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format)
             for backward in (False, True):
                 plan = cmbn_ext.kernel_plan(x, backward=backward)
@@ -264,9 +264,9 @@ def run_emulated(args):
             instantiations = {(tuple(k[0]), k[1], k[2], k[3]): (layout, vec) for k, layout, vec in json.load(f)}
     load_emulated_kernels(args.sms)
     import cmbn_ext
-    import benchmark
+    import shapes
     setter = occupancy_setter(sass_occupancy(args.sass), args.blocks_per_sm, instantiations)
-    rows = collect_plans(benchmark.GPU_SHAPES, benchmark.DTYPES, "cpu", cmbn_ext.kernel_plan, setter)
+    rows = collect_plans(shapes.GPU_SHAPES, shapes.DTYPES, "cpu", cmbn_ext.kernel_plan, setter)
     used = ", ".join(f"{d} {s} {layout} VEC {v}: {b}" for (d, s, layout, v), b in sorted(setter.used.items()))
     with open(args.sass) as f:
         sass_source = json.load(f).get("source", "?")
@@ -296,8 +296,8 @@ def run_emulated(args):
 def run_device(args):
     sys.path[:0] = [REPO, HERE]
     import cmbn_ext
-    import benchmark
-    rows = collect_plans(benchmark.GPU_SHAPES, benchmark.DTYPES, args.device, cmbn_ext.kernel_plan)
+    import shapes
+    rows = collect_plans(shapes.GPU_SHAPES, shapes.DTYPES, args.device, cmbn_ext.kernel_plan)
     text = "\n".join(plan_markdown(rows)) + "\n"
     print(text)
     if args.out:

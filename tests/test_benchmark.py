@@ -6,6 +6,7 @@ pure-PyTorch subprocess run on the CPU; the host-cost proxy's stubs take over th
 kernels are attributed to their windows; the traffic model against its closed forms and the plan
 table from stand-in plans. Timing never decides pass or fail here.
 """
+import ast
 import json
 import math
 import os
@@ -21,6 +22,7 @@ sys.path.insert(0, BENCH)  # bench/ holds scripts, not a package
 
 import benchmark  # noqa: E402
 import report  # noqa: E402
+import shapes  # noqa: E402
 import timing  # noqa: E402
 import traffic_model  # noqa: E402
 
@@ -111,8 +113,8 @@ def test_cpu_summary_and_targets_from_fake_numbers(tmp_path):
     # CmBN/BN of 1.0, 1.1, ..., 1.6 on the seven target shapes; pure/pBN twice that; an extra shape
     # with a worse ratio does not count.
     records = []
-    for i, shape in enumerate(report.CPU_TARGET_SHAPES + [(8, 32, 512, 512)]):
-        ratio = 1.0 + 0.1 * i if i < len(report.CPU_TARGET_SHAPES) else 9.0
+    for i, shape in enumerate(shapes.CPU_TARGET_SHAPES + [(8, 32, 512, 512)]):
+        ratio = 1.0 + 0.1 * i if i < len(shapes.CPU_TARGET_SHAPES) else 9.0
         for pass_ in ("fwd", "fwd+bwd"):
             records += [_record(shape, pass_, "cmbn", ratio), _record(shape, pass_, "batchnorm", 1.0),
                         _record(shape, pass_, "pure", 4 * ratio),
@@ -305,11 +307,11 @@ def test_gpu_stages_run_on_the_cpu(tmp_path, fresh_budget):
 def test_parse_args():
     args = benchmark.parse_args(["--device", "cpu"])
     assert args.out.endswith(os.path.join("bench", "results"))
-    assert args.shapes == benchmark.CPU_SHAPES and args.dtypes == ["fp32"]
+    assert args.shapes == shapes.CPU_SHAPES and args.dtypes == ["fp32"]
     assert args.threads == 1 and args.budget_s == 900
     # The CPU target shapes first, then each GPU shape not among them, once.
-    assert args.shapes[:7] == report.CPU_TARGET_SHAPES
-    assert sorted(args.shapes) == sorted(set(report.CPU_TARGET_SHAPES) | set(benchmark.GPU_SHAPES))
+    assert args.shapes[:7] == shapes.CPU_TARGET_SHAPES
+    assert sorted(args.shapes) == sorted(set(shapes.CPU_TARGET_SHAPES) | set(shapes.GPU_SHAPES))
     assert benchmark.parse_args(["--device", "cpu", "--threads", "2"]).threads == 2
     args = benchmark.parse_args(["--device", "cuda", "--out", "x", "--shapes", "2x3x4x5"])
     assert args.shapes == [(2, 3, 4, 5)] and args.dtypes == ["fp16-cl", "fp32"] and args.budget_s == 140
@@ -442,7 +444,7 @@ def test_plan_table_from_stand_in_plans():
         return dict(plan, layout="planes" if x.is_contiguous() else "rows")
 
     os.environ.pop("CMBN_KERNEL_PATH", None)
-    rows = traffic_model.collect_plans([(4, 16, 64, 64), (8, 16, 64, 64)], {"fp32": benchmark.DTYPES["fp32"]},
+    rows = traffic_model.collect_plans([(4, 16, 64, 64), (8, 16, 64, 64)], {"fp32": shapes.DTYPES["fp32"]},
                                        "cpu", kernel_plan)
     assert "CMBN_KERNEL_PATH" not in os.environ
     assert seen[:6] == [("auto", False), ("auto", True), ("two_pass", False), ("two_pass", True),
@@ -467,3 +469,51 @@ def test_a_forced_path_that_falls_back_is_not_timed():
     by_pass = {r["pass"]: r for r in records}
     assert by_pass["fwd"]["error"].startswith("skipped") and "median_ms" not in by_pass["fwd"]
     assert by_pass["fwd+bwd"].get("error") is None and _finite(by_pass["fwd+bwd"]["median_ms"])
+
+
+def _bench_imports():
+    """``{module: bench modules it imports}`` for every bench/*.py, from its source: imports inside
+    functions count too."""
+    modules = {name[:-3] for name in os.listdir(BENCH) if name.endswith(".py")}
+    graph = {}
+    for module in modules:
+        with open(os.path.join(BENCH, module + ".py")) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+        graph[module] = imported & modules
+    return graph
+
+
+def test_the_bench_modules_import_each_other_without_a_circle():
+    graph = _bench_imports()
+    # the parser sees the imports: the shared shapes are imported, and import none of the others
+    assert {"report", "shapes", "timing", "traffic_model"} <= graph["benchmark"]
+    assert "shapes" in graph["report"] and "shapes" in graph["traffic_model"] and not graph["shapes"]
+    done, path = set(), []
+
+    def visit(module):
+        assert module not in path, f"import circle: {' -> '.join(path + [module])}"
+        if module in done:
+            return
+        path.append(module)
+        for dependency in sorted(graph[module]):
+            visit(dependency)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+@pytest.mark.parametrize("module", ["shapes", "traffic_model", "report", "timing", "benchmark"])
+def test_each_bench_module_imports_first_in_a_fresh_interpreter(module):
+    """No bench module needs another to be imported before it (a circle shows as a half-initialized
+    module, whose names are missing, depending on which module comes first)."""
+    code = (f"import sys; sys.path.insert(0, {BENCH!r}); import {module}; "
+            f"import benchmark, report, shapes, timing, traffic_model")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(BENCH))

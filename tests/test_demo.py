@@ -10,10 +10,12 @@ import torch
 pytest.importorskip("skimage")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
 
 # after the skips: the demo needs the extras
-from cmbn_ext import demo, demo_report, demo_training  # noqa: E402
-from cmbn_ext.demo_shapes import CLASS_NAMES, ShapesSegmentation, draw_shapes, mean_iou  # noqa: E402
+from cmbn_ext import demo  # noqa: E402
+from cmbn_ext.demo import report, training  # noqa: E402
+from cmbn_ext.demo.shapes import CLASS_NAMES, ShapesSegmentation, draw_shapes, mean_iou  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,12 +27,21 @@ def test_quick_demo_writes_table_plot_and_json(tmp_path, capsys):
     png = (tmp_path / "results.png").read_bytes()
     record = json.loads((tmp_path / "results.json").read_text())
     assert png.startswith(b"\x89PNG")
-    assert "| method |" in table and "CmBN cumulative" in table and "GPU ms/step" in table
-    assert "| method |" in capsys.readouterr().out
+    assert "| method |" in table and "CmBN deferred" in table and "GPU ms/step" in table
+    # stdout: the headline table only; the full tables (times per step, sweeps) stay in the file
+    printed = capsys.readouterr().out
+    assert "| CmBN deferred |" in printed and "ms/step" not in printed and "chosen lr" not in printed
+    assert demo.TASKS[0].name == "segmentation"
+    segmentation = demo.QUICK_TASKS[0]
+    gains = next(line for line in printed.splitlines() if line.startswith("| **best CmBN"))
+    summary = record["summary"]
+    assert gains.strip("|").split("|")[1:] == [
+        f" {expected_gain(summary, segmentation, m):+.1f} ({expected_best(summary, segmentation, m)}) "
+        for m in segmentation.micro_batches]
 
     tasks = {task.name: task for task in demo.QUICK_TASKS}
     expected = {(task.name, model, method.name, micro) for task in tasks.values() for model in task.models
-                for method in demo_training.METHODS for micro in task.micro_batches
+                for method in training.METHODS for micro in task.micro_batches
                 if not method.ablation or micro in task.ablation_micro_batches}
     summary = {(e["task"], e["model"], e["method"], e["micro_batch"]): e for e in record["summary"]}
     assert set(summary) == expected
@@ -54,20 +65,70 @@ def test_quick_demo_writes_table_plot_and_json(tmp_path, capsys):
         assert (entry["cuda_ms_per_step"] is None) == (not torch.cuda.is_available())
 
 
+def _scores(summary, task, micro):
+    return {e["method"]: e["test"] for e in summary
+            if (e["task"], e["micro_batch"]) == (task.name, micro)}
+
+
+def expected_best(summary, task, micro):
+    """The best of the four CmBN modes (renorm gradient) at this micro-batch size, by its mean score."""
+    scores = _scores(summary, task, micro)
+    modes = ("cumulative", "sliding", "EMA", "deferred")
+    return max(modes, key=lambda mode: scores[f"CmBN {mode}"])
+
+
+def expected_gain(summary, task, micro):
+    scores = _scores(summary, task, micro)
+    return 100 * (scores[f"CmBN {expected_best(summary, task, micro)}"] - scores["BatchNorm, micro-batch"])
+
+
+def test_the_committed_report_renders_again_from_its_json(tmp_path):
+    """results.md is the committed results.json in the current format: rendering it again from the
+    JSON alone (no training) gives the committed file, and a plot."""
+    committed = ROOT / "results" / "demo"
+    (tmp_path / "results.json").write_bytes((committed / "results.json").read_bytes())
+    assert demo.main(["--render-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "results.json").read_bytes() == (committed / "results.json").read_bytes()
+
+
+def test_with_one_worker_the_progress_advances_after_every_run(monkeypatch):
+    """Without worker processes too, each run is reported as it ends, before the next one trains."""
+    task = ShapesSegmentation(seeds=(0, 1), learning_rates=(1e-3, 3e-3), steps=1, split_sizes=(16, 8, 8))
+    methods = [m for m in training.METHODS if m.name in ("BatchNorm, micro-batch", "CmBN deferred")]
+    trained, reported = [], []
+    original = training.train_one
+    monkeypatch.setattr(training, "train_one", lambda *args: trained.append(args[1]) or original(*args))
+
+    class Recorder:
+        def start(self, runs_per_config):
+            self.runs_per_config = runs_per_config
+
+        def advance(self, config, label):
+            reported.append((config, len(trained)))
+
+    progress = Recorder()
+    results = training.run_sweep([task], "cpu", 1, progress, methods)
+    assert sum(progress.runs_per_config.values()) == len(results) == len(trained)
+    assert [count for _, count in reported] == list(range(1, len(results) + 1))
+    assert [config for config, _ in reported] == [run.config for run in trained]
+
+
 def test_a_run_gives_the_same_bits_in_a_worker_process_as_here():
     """What makes the committed table regenerate: runs are deterministic wherever they run."""
     task = ShapesSegmentation(seeds=(0, 1), learning_rates=(3e-3,), steps=2, split_sizes=(32, 16, 16))
-    methods = [m for m in demo_training.METHODS if m.name == "CmBN sliding"]  # history across steps
+    methods = [m for m in training.METHODS if m.name == "CmBN sliding"]  # history across steps
 
     class Quiet:
-        def start(self, total):
+        def start(self, runs_per_config):
             pass
 
-        def advance(self, label):
+        def advance(self, config, label):
             pass
 
     def scores(workers):
-        results = demo_training.run_sweep([task], "cpu", workers, Quiet(), methods)
+        results = training.run_sweep([task], "cpu", workers, Quiet(), methods)
         return {(r["method"], r["micro_batch"], r["seed"]): (r["val"], r["test"], r["final_train_loss"])
                 for r in results}
 
@@ -129,16 +190,17 @@ def test_the_readme_shows_the_committed_run():
     """The README's demo tables hold the committed results/demo scores, and its wall time."""
     readme = (ROOT / "README.md").read_text()
     record = json.loads((ROOT / "results" / "demo" / "results.json").read_text())
+    methods = [training.Method(**fields) for fields in record["methods"]]  # those of the committed run
     for task in demo.TASKS:
         (model,) = task.models  # one table per task
         rows = readme_table(readme, task)
-        assert len(rows) == len(demo_training.METHODS), task.name
-        for method in demo_training.METHODS:
+        assert len(rows) == len(methods), task.name
+        for method in methods:
             entries = {e["micro_batch"]: e for e in record["summary"]
                        if (e["task"], e["model"], e["method"]) == (task.name, model, method.name)}
             scores = [f"{100 * entries[m]['test']:.1f} ± {100 * entries[m]['test_std']:.1f}"
                       if m in entries else "—" for m in task.micro_batches]
-            cells = rows[demo_report.method_label(method, task)]
+            cells = rows[report.method_label(method, task)]
             assert cells[:len(scores)] == scores, (task.name, method.name)
     seconds = round(record["wall_seconds"])
     assert f"took {seconds} s ({seconds // 60} min {seconds % 60} s)" in readme

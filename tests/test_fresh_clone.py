@@ -94,3 +94,20 @@ def test_the_demo_writes_where_git_does_not_track():
     if ignored.returncode == 128:
         pytest.skip("not a git checkout")
     assert ignored.returncode == 0, f"git would track the demo's default output {demo.DEFAULT_OUT}/"
+
+
+def test_the_package_list_holds_every_package_of_the_source_tree():
+    """pyproject.toml names the packages an install copies: a subpackage left out (the demo, the
+    integrations) would be missing from a non-editable install."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(ROOT).parts)
+             for init in (ROOT / "cmbn_ext").rglob("__init__.py")}
+    assert listed == found
+
+
+def test_import_cmbn_ext_does_not_import_the_demo():
+    code = ("import sys, cmbn_ext; "
+            "print(sorted(name for name in sys.modules if name.startswith('cmbn_ext.demo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -1,25 +1,27 @@
 """Small-batch training demo: what CmBN buys over BatchNorm on micro-batches, and what it costs, offline.
 
-    python -m cmbn_ext.demo [--quick] [--out DIR] [--device cpu|cuda] [--workers N]
+    python -m cmbn_ext.demo [--quick] [--out DIR] [--device cpu|cuda] [--workers N] [--render-only]
 
 Two tasks, trained with gradient accumulation: every run of a task uses the same optimizer batch, split
 into micro-batches, and the normalization layers are the only thing that changes between methods.
 
-1. Segmentation (the main part, ``demo_shapes``): a U-Net on 32x32 images of shapes drawn by
+1. Segmentation (the main part, ``shapes``): a U-Net on 32x32 images of shapes drawn by
    scikit-image, optimizer batch 16 in micro-batches of 1, 2 and 4, scored by mean IoU.
-2. Classification (``demo_digits``): a small CNN on scikit-learn's 8x8 digits, optimizer batch 32 in
+2. Classification (``digits``): a small CNN on scikit-learn's 8x8 digits, optimizer batch 32 in
    micro-batches of 2, 4 and 8, with a BatchNorm1d that sees 2 values per channel at micro-batch 2.
 
-Methods (``demo_training.METHODS``): BatchNorm on the full optimizer batch (the ceiling), BatchNorm per
-micro-batch (what gradient accumulation gives), CmBN in cumulative, sliding and EMA mode with the default
-gradient, GroupNorm, and, as an ablation, cumulative CmBN with ``grad="exact"``. Each method gets the same
-learning-rate sweep and is reported at its best rate on a validation split; then the time per optimizer
-step of each, on the CPU and, when there is one, on the GPU.
+Methods (``training.METHODS``): BatchNorm on the full optimizer batch (the ceiling), BatchNorm per
+micro-batch (what gradient accumulation gives), CmBN in cumulative, sliding, EMA and deferred mode with the
+default gradient (deferred pools the window for the running statistics only), GroupNorm, and, as an
+ablation, cumulative CmBN with ``grad="exact"``. Each method gets the same learning-rate sweep and is
+reported at its best rate on a validation split; then the time per optimizer step of each, on the CPU
+and, when there is one, on the GPU.
 
-Output: ``results.md`` (protocol, machine, tables), ``results.png`` (plot) and ``results.json`` (every
-run) in ``demo_results/``, which git ignores (``--out`` to change; the committed run is
-``results/demo/``). Needs the ``demo`` extra (scikit-image, scikit-learn, matplotlib):
-``pip install -e ".[demo]"``.
+Output: a progress bar, then the headline table (segmentation) on stdout; ``results.md`` (protocol,
+machine, every table), ``results.png`` (plot) and ``results.json`` (every run) in ``demo_results/``, which
+git ignores (``--out`` to change; the committed run is ``results/demo/``). ``--render-only`` rewrites
+results.md and results.png from a results.json. Needs the ``demo`` extra (scikit-image, scikit-learn,
+matplotlib, tqdm): ``pip install -e ".[demo]"``.
 """
 import argparse
 import datetime
@@ -33,10 +35,11 @@ import torch
 
 import cmbn_ext
 
-from . import demo_report, ops
-from .demo_digits import DigitsClassification
-from .demo_shapes import ShapesSegmentation
-from .demo_training import run_sweep, time_all
+from .. import ops
+from . import report
+from .digits import DigitsClassification
+from .shapes import ShapesSegmentation
+from .training import expected_seconds, run_sweep, time_all
 
 DEFAULT_OUT = "demo_results"  # untracked (.gitignore): a run must not overwrite the committed results
 TASKS = (ShapesSegmentation(), DigitsClassification())
@@ -79,33 +82,32 @@ def _cpu_seconds():
 # ------------------------------------------------------------------------------------------ progress
 
 
-class ProgressBar:
-    """A one-line progress bar on stderr, redrawn in place (a line per tenth when stderr is a file)."""
+class Progress:
+    """The sweep's progress bar (tqdm, on stderr). It counts each run's expected seconds, not runs: runs
+    differ 30-fold in length, so a count of runs makes a poor clock. tqdm's average rate since the start
+    then turns the expected seconds left into wall time, whatever the workers and the cost of scoring."""
 
-    def __init__(self, stream=sys.stderr, width=30):
-        self.stream, self.width = stream, width
-        self.interactive = stream.isatty()
+    def __init__(self, tasks, stream=sys.stderr):
+        self.tasks, self.stream = tasks, stream
 
-    def start(self, total):
-        self.total, self.done, self.started, self.last_tenth = total, 0, time.perf_counter(), -1
+    def start(self, runs_per_config):
+        from tqdm import tqdm  # the demo extra
 
-    def advance(self, label=""):
+        self.expected = expected_seconds(self.tasks, list(runs_per_config))
+        self.runs, self.done = sum(runs_per_config.values()), 0
+        total = sum(self.expected[config] * runs for config, runs in runs_per_config.items())
+        self.bar = tqdm(total=total, desc="training", file=self.stream, smoothing=0,
+                        mininterval=1 if self.stream.isatty() else 30,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left"
+                                   "{postfix}")
+        self.bar.set_postfix_str(f"0/{self.runs} runs", refresh=False)
+
+    def advance(self, config, label=""):
         self.done += 1
-        elapsed = time.perf_counter() - self.started
-        left = elapsed / self.done * (self.total - self.done)
-        filled = round(self.width * self.done / self.total)
-        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} runs, "
-                f"{_clock(elapsed)} elapsed, ~{_clock(left)} left  {label}")
-        if self.interactive:
-            self.stream.write("\r\033[K" + line + ("\n" if self.done == self.total else ""))
-        elif self.done * 10 // self.total != self.last_tenth:
-            self.last_tenth = self.done * 10 // self.total
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _clock(seconds):
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+        self.bar.set_postfix_str(f"{self.done}/{self.runs} runs", refresh=False)
+        self.bar.update(self.expected[config])
+        if self.done == self.runs:
+            self.bar.close()
 
 # ----------------------------------------------------------------------------------------------- CLI
 
@@ -123,7 +125,15 @@ def main(argv=None):
                              "when there is one, on the GPU)")
     parser.add_argument("--workers", type=int, default=None,
                         help="training processes (default: 1 with --quick or on CUDA, else up to 2)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="no training: rewrite results.md and results.png in --out from the "
+                             "results.json there (a committed run in the current format)")
     args = parser.parse_args(argv)
+    if args.render_only:
+        summary, tasks, methods = report.render(args.out)
+        print(report.summary_table(summary, tasks, methods))
+        print(f"\nRewrote results.md and results.png in {args.out} from its results.json.")
+        return 0
 
     tasks = QUICK_TASKS if args.quick else TASKS
     timing_steps = QUICK_TIMING_STEPS if args.quick else TIMING_STEPS
@@ -140,15 +150,16 @@ def main(argv=None):
           flush=True)
 
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    results = run_sweep(tasks, args.device, workers, ProgressBar())
+    results = run_sweep(tasks, args.device, workers, Progress(tasks))
     print("Timing one optimizer step of each method...", file=sys.stderr, flush=True)
     timings = time_all(tasks, ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), timing_steps)
     record.update(wall_seconds=time.perf_counter() - started, cpu_seconds=_cpu_seconds() - cpu_started)
     record["machine"]["load_after"] = _load()
 
-    text, summary = demo_report.write(args.out, tasks, results, timings, record)
-    print(text)
-    print(f"Wrote results.md, results.png and results.json to {args.out} ({record['wall_seconds']:.0f} s).")
+    summary = report.write(args.out, tasks, results, timings, record)
+    print(report.summary_table(summary, tasks))
+    print(f"\nWrote results.md (every table, the learning-rate sweeps, the times per step and the "
+          f"protocol), results.png and results.json to {args.out} ({record['wall_seconds']:.0f} s).")
     diverged = [e for e in summary if e["diverged_runs"]]
     for e in diverged:
         print(f"Diverged at its chosen learning rate: {e['task']} | {e['model']} | {e['method']} | "

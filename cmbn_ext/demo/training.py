@@ -38,6 +38,8 @@ METHODS = (
     Method("CmBN cumulative", cmbn_mode="cumulative"),
     Method("CmBN sliding", cmbn_mode="sliding"),
     Method("CmBN EMA", cmbn_mode="ema"),
+    # Each micro-batch normalized alone, as BatchNorm does; the window pooled for the running stats only.
+    Method("CmBN deferred", cmbn_mode="deferred"),
     Method("GroupNorm", norm="groupnorm", full_batch=True),
     Method("CmBN cumulative, grad=exact", cmbn_mode="cumulative", grad="exact", ablation=True),
 )
@@ -180,14 +182,17 @@ def best_lr(runs):
 def run_sweep(tasks, device, workers, progress, methods=METHODS):
     """Train every config with the same protocol and return every run's record.
 
+    ``progress.start({config: runs})`` is called first, then ``progress.advance(config, label)`` as each
+    run ends.
+
     Each config first trains with its task's first seed at every learning rate; the learning rate with
     the best validation score then trains with the other seeds. ``workers`` processes (1: this one).
     """
     tasks_by_name = {task.name: task for task in tasks}
     configs = plan_configs(tasks, methods)
     sweeps = {config: [] for config in configs}
-    progress.start(sum(len(tasks_by_name[c.task].learning_rates) + len(tasks_by_name[c.task].seeds) - 1
-                       for c in configs))
+    progress.start({c: len(tasks_by_name[c.task].learning_rates) + len(tasks_by_name[c.task].seeds) - 1
+                    for c in configs})
 
     def cost(run):  # longest first, so the workers finish together
         config, task = run.config, tasks_by_name[run.config.task]
@@ -199,12 +204,11 @@ def run_sweep(tasks, device, workers, progress, methods=METHODS):
     with _executor(tasks, device, workers) as pool:
         pending = {pool.submit(_train_in_worker, run): run for run in sorted(first, key=cost, reverse=True)}
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
+            for future in _next_done(pool, pending):
                 run = pending.pop(future)
                 record = future.result()
                 results.append(record)
-                progress.advance(f"{run.config.task} | {run.config.method.name} | "
+                progress.advance(run.config, f"{run.config.task} | {run.config.method.name} | "
                                  f"micro-batch {run.config.micro_batch} | lr {run.lr:g} | seed {run.seed}")
                 task = tasks_by_name[run.config.task]
                 if run.seed != task.seeds[0]:
@@ -237,18 +241,27 @@ def _train_in_worker(run):
 
 
 class _InProcess:
-    """``ProcessPoolExecutor``'s ``submit`` for ``workers=1``: runs at once, here; restores this
+    """``ProcessPoolExecutor``'s ``submit`` for ``workers=1``: queues the call, which runs here when
+    ``_next_done`` asks for it, so that runs end one at a time, in the order submitted. Restores this
     process's thread count and determinism setting when done."""
 
     def __init__(self, tasks, device):
         self.saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
                       torch.is_deterministic_algorithms_warn_only_enabled())
+        self.calls = {}
         _init_worker(tasks, device)
 
     def submit(self, function, *args):
         future = Future()
-        future.set_result(function(*args))
+        self.calls[future] = (function, args)
         return future
+
+    def run(self, future):
+        function, args = self.calls.pop(future)
+        try:
+            future.set_result(function(*args))
+        except Exception as error:  # raised again by future.result(), as from a worker process
+            future.set_exception(error)
 
     def __enter__(self):
         return self
@@ -258,6 +271,16 @@ class _InProcess:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         _WORKER.clear()
+
+
+def _next_done(pool, pending):
+    """Futures of ``pending`` that are done: at least one, waiting for it (running it, in process)."""
+    if isinstance(pool, _InProcess):
+        future = next(iter(pending))  # the first submitted
+        pool.run(future)
+        return [future]
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    return done
 
 
 def _executor(tasks, device, workers):
@@ -303,5 +326,25 @@ def time_all(tasks, devices, steps, methods=METHODS):
                     key = (task.name, config.model, config.method.name, config.micro_batch, device)
                     timings[key] = time_per_step(task, config, data, device, steps)
         return timings
+    finally:
+        torch.set_num_threads(threads)
+
+
+def expected_seconds(tasks, configs):
+    """``{config: seconds}``, what one training run of each config should take, for the progress bar:
+    the task's steps times one optimizer step, timed here on one thread after a warm-up step. Scoring
+    and the number of workers are left out; the bar's measured rate accounts for them."""
+    tasks_by_name = {task.name: task for task in tasks}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected, data = {}, {}
+        for config in configs:
+            task = tasks_by_name[config.task]
+            if task.name not in data:
+                data[task.name] = task.load_data()
+            step_ms = time_per_step(task, config, data[task.name], "cpu", steps=1)
+            expected[config] = task.steps * step_ms / 1000
+        return expected
     finally:
         torch.set_num_threads(threads)

@@ -1,10 +1,13 @@
-"""The demo's report: scores summed up over seeds, the markdown tables, the plot and the JSON record."""
+"""The demo's report: scores summed up over seeds, the markdown tables, the plot and the JSON record, and
+the tables and plot rendered again from a run's JSON."""
 import dataclasses
 import json
 import os
 import statistics
 
-from .demo_training import METHODS, best_lr
+from .digits import DigitsClassification
+from .shapes import ShapesSegmentation
+from .training import METHODS, Method, best_lr
 
 
 def summarize(results, tasks, timings, methods=METHODS):
@@ -103,6 +106,43 @@ def sweep_table(summary, task, model, methods=METHODS):
     return "\n".join(sweep)
 
 
+def gain_over_batchnorm(summary, task, model, micro, methods=METHODS):
+    """``(points, method)``: the best CmBN method's test score at micro-batch ``micro`` minus that of
+    BatchNorm on each micro-batch, in points; ``None`` when either is missing."""
+    scores = {e["method"]: e["test"] for e in summary
+              if (e["task"], e["model"], e["micro_batch"]) == (task.name, model, micro)}
+    batchnorm = next((m.name for m in methods if m.norm == "batchnorm" and m.cmbn_mode is None
+                      and not m.full_batch), None)
+    cmbn = [m.name for m in methods if m.cmbn_mode is not None and not m.ablation and m.name in scores]
+    if batchnorm not in scores or not cmbn:
+        return None
+    best = max(cmbn, key=lambda name: scores[name])
+    return 100 * (scores[best] - scores[batchnorm]), best
+
+
+def summary_table(summary, tasks, methods=METHODS):
+    """The headline: the first task's (segmentation's) test score per method and micro-batch size, and
+    the gain of the best CmBN mode over BatchNorm on each micro-batch; ablations are in the full tables."""
+    task = tasks[0]
+    model = task.models[0]
+    seeds = len(task.seeds)
+    micro = task.micro_batches
+    lines = [f"{task.name.capitalize()} (model `{model}`): test {task.metric} (%), mean ± std over {seeds} "
+             f"seed(s), each method at its best learning rate.", "",
+             "| method | " + " | ".join(f"mb {m}" for m in micro) + " |", "|---|" + "---:|" * len(micro)]
+    for method, entries in _rows(summary, task, model, methods):
+        if method.ablation or not entries:
+            continue
+        by_micro = {e["micro_batch"]: e for e in entries}
+        cells = [_cell(by_micro[m]["test"], by_micro[m]["test_std"]) if m in by_micro else "—"
+                 for m in micro]
+        lines.append(f"| {method_label(method, task)} | " + " | ".join(cells) + " |")
+    gains = [gain_over_batchnorm(summary, task, model, m, methods) for m in micro]
+    cells = ["—" if g is None else f"{g[0]:+.1f} ({g[1].removeprefix('CmBN ')})" for g in gains]
+    lines.append("| **best CmBN − BatchNorm, micro-batch** | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(summary, tasks, record, methods=METHODS):
     """The whole report: protocol, machine, and per task and model the headline and sweep tables."""
     machine = record["machine"]
@@ -132,7 +172,7 @@ def markdown(summary, tasks, record, methods=METHODS):
                 if machine["gpu"] is None else
                 f"GPU: {machine['gpu']}, CUDA kernels "
                 f"{'loaded' if machine['cuda_kernels'] else 'not loaded'}."),
-             ""]
+             "", "## Summary", "", summary_table(summary, tasks, methods), ""]
     for task in tasks:
         lines += [f"## {task.name.capitalize()}", "", task.describe(), ""]
         for model in task.models:
@@ -144,60 +184,75 @@ def markdown(summary, tasks, record, methods=METHODS):
     return "\n".join(lines)
 
 
+# One colour and one marker per method, so that lines which overlap stay apart; unknown methods get grey.
+STYLES = {"BatchNorm, full batch": ("black", None), "BatchNorm, micro-batch": ("tab:red", "o"),
+          "CmBN cumulative": ("tab:blue", "s"), "CmBN sliding": ("tab:orange", "^"),
+          "CmBN EMA": ("tab:green", "D"), "CmBN deferred": ("tab:brown", "v"),
+          "GroupNorm": ("tab:purple", None), "CmBN cumulative, grad=exact": ("tab:cyan", "X")}
+
+PLOT_NOTE = ("Markers with error bars: mean ± std over the seeds at each micro-batch size. Dotted lines "
+             "with shaded bands: methods that train at the whole optimizer batch (BatchNorm, full batch; "
+             "GroupNorm), the same at every micro-batch size; the band is their mean ± std over the seeds.")
+
+
 def plot(summary, tasks, path, methods=METHODS):
     """Test score against micro-batch size, a panel per task and model, error bars = std over seeds;
-    full-batch methods as horizontal lines."""
+    full-batch methods as horizontal lines with a band of ± std; the legend and a note on the bands below
+    the panels."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(task, model) for task in tasks for model in task.models]
-    colors = {"BatchNorm, full batch": "black", "BatchNorm, micro-batch": "tab:red",
-              "CmBN cumulative": "tab:blue", "CmBN sliding": "tab:orange", "CmBN EMA": "tab:green",
-              "GroupNorm": "tab:purple", "CmBN cumulative, grad=exact": "tab:blue"}
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2.6, 4.4), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 5.8), squeeze=False)
+    legend = {}
     for axis, (task, model) in zip(axes[0], panels):
         for index, method in enumerate(methods):
             entries = [e for e in summary
                        if (e["task"], e["model"], e["method"]) == (task.name, model, method.name)]
+            if not entries:
+                continue
             xs = [e["micro_batch"] for e in entries]
             ys = [100 * e["test"] for e in entries]
-            color = colors.get(method.name, "gray")
+            color, marker = STYLES.get(method.name, ("gray", "o"))
             if method.full_batch:  # one legend for every panel: no optimizer batch size in the label
-                axis.axhline(ys[0], color=color, linestyle=":",
-                             label=f"{method.name} (at the optimizer batch)")
+                line = axis.axhline(ys[0], color=color, linestyle=":", linewidth=1.5)
                 axis.axhspan(ys[0] - 100 * entries[0]["test_std"], ys[0] + 100 * entries[0]["test_std"],
                              color=color, alpha=0.08)
+                legend.setdefault(f"{method.name} (at the optimizer batch; band ± std)", line)
                 continue
             # A small sideways shift per method keeps the error bars apart.
-            shifted = [x * 2 ** ((index - len(methods) / 2) * 0.02) for x in xs]
-            axis.errorbar(shifted, ys, yerr=[100 * e["test_std"] for e in entries], color=color,
-                          linestyle="--" if method.ablation else "-", marker="o", markersize=3,
-                          capsize=2, label=method_label(method, task).replace("*", ""))
+            shifted = [x * 2 ** ((index - len(methods) / 2) * 0.03) for x in xs]
+            line = axis.errorbar(shifted, ys, yerr=[100 * e["test_std"] for e in entries], color=color,
+                                 linestyle="--" if method.ablation else "-", marker=marker or "o",
+                                 markersize=6 if method.ablation else 5, capsize=2, linewidth=1.2)
+            legend.setdefault(method_label(method, task).replace("*", ""), line)
+            if method.ablation and len(xs) == 1:  # a lone point: name it where it stands
+                axis.annotate(method.name.split(", ")[-1], (shifted[0], ys[0]), xytext=(6, -3),
+                              textcoords="offset points", fontsize=8, color=color)
         axis.set_xscale("log", base=2)
         axis.set_xticks(task.micro_batches, [str(m) for m in task.micro_batches])
         axis.set_xlabel(f"micro-batch size (optimizer batch {task.optimizer_batch})")
         axis.set_ylabel(f"test {task.metric} (%)")
         axis.set_title(f"{task.name}, model {model}")
         axis.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, fontsize=8, loc="center right")
+    figure.legend(list(legend.values()), list(legend.keys()), fontsize=8, loc="lower center", ncol=3,
+                  bbox_to_anchor=(0.5, 0.075), frameon=False)
+    figure.text(0.5, 0.015, "\n".join(textwrap.wrap(PLOT_NOTE, 150)), ha="center", va="bottom", fontsize=7.5)
     seeds = len(tasks[0].seeds)
     figure.suptitle(f"CmBN vs BatchNorm and GroupNorm, each at its best learning rate; mean ± std over "
                     f"{seeds} seed(s)")
-    figure.tight_layout(rect=(0, 0, 0.8, 1))
+    figure.tight_layout(rect=(0, 0.22, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def write(out_dir, tasks, results, timings, record, methods=METHODS):
-    """results.md, results.png and results.json in ``out_dir``; returns the markdown and the summary."""
+    """results.md, results.png and results.json in ``out_dir``; returns the summary."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(results, tasks, timings, methods)
-    text = markdown(summary, tasks, record, methods)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(text)
-    plot(summary, tasks, os.path.join(out_dir, "results.png"), methods)
     full = dict(record, tasks={task.name: dict(dataclasses.asdict(task), protocol=task.describe())
                                for task in tasks},
                 methods=[dataclasses.asdict(m) for m in methods], summary=summary,
@@ -205,4 +260,34 @@ def write(out_dir, tasks, results, timings, record, methods=METHODS):
                                                     r["lr"], r["seed"])))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(full, f, indent=1)
-    return text, summary
+    _render(out_dir, summary, tasks, record, methods)
+    return summary
+
+
+def render(out_dir):
+    """Rewrite results.md and results.png in ``out_dir`` from its results.json, without training: the
+    tables and the plot of a run in the current format, with that run's numbers. Returns the summary,
+    the tasks and the methods of that run."""
+    with open(os.path.join(out_dir, "results.json")) as f:
+        record = json.load(f)
+    tasks = [_task_from_json(fields) for fields in record["tasks"].values()]
+    methods = [Method(**fields) for fields in record["methods"]]
+    _render(out_dir, record["summary"], tasks, record, methods)
+    return record["summary"], tasks, methods
+
+
+def _render(out_dir, summary, tasks, record, methods):
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(summary, tasks, record, methods))
+    plot(summary, tasks, os.path.join(out_dir, "results.png"), methods)
+
+
+def _task_from_json(fields):
+    """The task object a results.json entry describes (JSON made its tuples lists)."""
+    kind = next(kind for kind in (ShapesSegmentation, DigitsClassification) if kind.name == fields["name"])
+    return kind(**{field.name: _tuples(fields[field.name]) for field in dataclasses.fields(kind)
+                   if field.name in fields})
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
