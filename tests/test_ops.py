@@ -143,7 +143,7 @@ def test_has_cuda_kernels_answers_per_device(monkeypatch):
         asked.append(device)
         return device.index == 0
 
-    monkeypatch.setattr(ops, "_HAS_KERNELS", True)
+    monkeypatch.setattr(ops, "_HAS_CUDA_KERNELS", True)
     monkeypatch.setattr(ops, "_kernel_image", probe)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -156,7 +156,7 @@ def test_has_cuda_kernels_answers_per_device(monkeypatch):
     assert asked == [torch.device("cuda", i) for i in (1, 0, 0, 1, 1)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cmbn_ext.has_cuda_kernels() is True  # loaded, and no GPU to ask about
-    monkeypatch.setattr(ops, "_HAS_KERNELS", False)
+    monkeypatch.setattr(ops, "_HAS_CUDA_KERNELS", False)
     assert cmbn_ext.has_cuda_kernels(0) is False and len(asked) == 5
 
 
