@@ -3,11 +3,13 @@ import pytest
 import torch
 
 import emulation
-from cmbn_ext import modules
 
 # CMBN_EMULATED_KERNELS=1 (or asan): the CUDA kernels compiled for the CPU serve CPU tensors in this
-# whole run (tests/emulation), so every layer test checks them too.
+# whole run (tests/emulation), so every layer test checks them too. First, before anything imports
+# cmbn_ext: such a process keeps the package's own compiled kernels unloaded.
 emulation.load_if_requested()
+
+from cmbn_ext import modules  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

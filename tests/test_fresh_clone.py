@@ -23,6 +23,7 @@ def setup_py(monkeypatch):
 
 def test_without_torch_the_build_is_pure_pytorch_and_says_how_to_compile(setup_py, monkeypatch, capsys):
     monkeypatch.delenv("CMBN_BUILD_CUDA", raising=False)
+    monkeypatch.delenv("CMBN_BUILD_CPU", raising=False)
     assert setup_py.extension() == ([], {})
     assert "pip install --no-build-isolation -e ." in capsys.readouterr().out
 
