@@ -1,5 +1,6 @@
 """Cross mini-Batch Normalization (CmBN) for PyTorch: BatchNorm whose statistics pool the micro-batches
 of one gradient-accumulation step, with CUDA kernels and a pure-PyTorch fallback."""
+from .checkpoints import batchnorm_state_dict
 from .convert import (convert_batchnorm, convert_deferred_batch_norm, end_window, reset_window,
                       revert_to_batchnorm)
 from .hooks import end_windows_on_step
@@ -13,6 +14,7 @@ __all__ = [
     "OpenWindowWarning",
     "convert_batchnorm", "convert_deferred_batch_norm", "revert_to_batchnorm", "end_window",
     "reset_window", "has_cuda_kernels", "has_cpu_kernels", "kernel_plan", "end_windows_on_step",
+    "batchnorm_state_dict",
 ]
 __version__ = "0.1.0"
 
