@@ -1,6 +1,5 @@
 """Cross mini-Batch Normalization (CmBN) for PyTorch: BatchNorm whose statistics pool the micro-batches
 of one gradient-accumulation step, with CUDA kernels and a pure-PyTorch fallback."""
-from .checkpoints import batchnorm_state_dict
 from .convert import (convert_batchnorm, convert_deferred_batch_norm, end_window, reset_window,
                       revert_to_batchnorm)
 from .hooks import end_windows_on_step
@@ -8,6 +7,7 @@ from .modules import (CrossMiniBatchNorm1d, CrossMiniBatchNorm2d, CrossMiniBatch
                       OpenWindowWarning, SyncCrossMiniBatchNorm)
 from .kernel_plan import kernel_plan
 from .ops import has_cpu_kernels, has_cuda_kernels
+from .checkpoints import batchnorm_state_dict
 
 __all__ = [
     "CrossMiniBatchNorm1d", "CrossMiniBatchNorm2d", "CrossMiniBatchNorm3d", "SyncCrossMiniBatchNorm",
