@@ -1,6 +1,7 @@
 """The demo (``python -m cmbn_ext.demo``): its quick run end to end, the learning-rate protocol, bitwise
 determinism across worker processes, the segmentation data and metric against scikit-learn's, and the
-README's table against the committed run. No accuracy is asserted: a smoke run trains for 2 steps."""
+tables of docs/demo.md and the README against the committed run. No accuracy is asserted: a smoke run
+trains for 2 steps."""
 import json
 from pathlib import Path
 
@@ -177,30 +178,66 @@ def test_the_segmentation_score_is_the_mean_iou_of_the_models_predictions():
     assert task.score(Oracle(), predicted.unsqueeze(1).float(), labels, batch=3) == pytest.approx(expected)
 
 
-def readme_table(readme, task):
-    """``{row label: [cells]}`` of the README table whose header starts with the task's score columns."""
-    header = f"| method | {task.metric} mb {task.micro_batches[0]} |"
-    start = readme.index(header)
-    lines = readme[start:].split("\n\n", 1)[0].splitlines()[2:]
-    return {line.split(" | ")[0][2:]: [cell.strip() for cell in line.strip("|").split("|")[1:]]
-            for line in lines}
+def markdown_table(text, task):
+    """The lines (header, rule, rows) of the table in ``text`` whose header starts with the task's score
+    columns."""
+    start = text.index(f"| method | {task.metric} mb {task.micro_batches[0]} |")
+    return text[start:].split("\n\n", 1)[0].splitlines()
 
 
-def test_the_readme_shows_the_committed_run():
-    """The README's demo tables hold the committed results/demo scores, and its wall time."""
-    readme = (ROOT / "README.md").read_text()
+def table_cells(lines):
+    """``{row label: {column: cell}}`` of a table's lines."""
+    columns = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(columns, cells))
+            for cells in ([cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def committed_run():
+    """The committed record, its methods, and results.md, the tables the demo wrote from it."""
     record = json.loads((ROOT / "results" / "demo" / "results.json").read_text())
     methods = [training.Method(**fields) for fields in record["methods"]]  # those of the committed run
+    return record, methods, (ROOT / "results" / "demo" / "results.md").read_text()
+
+
+def expected_scores(record, task, method):
+    """The score cells of a method's row, from the record itself."""
+    (model,) = task.models  # one table per task
+    entries = {e["micro_batch"]: e for e in record["summary"]
+               if (e["task"], e["model"], e["method"]) == (task.name, model, method.name)}
+    return [f"{100 * entries[m]['test']:.1f} ± {100 * entries[m]['test_std']:.1f}" if m in entries else "—"
+            for m in task.micro_batches]
+
+
+def test_the_demo_page_shows_the_committed_run():
+    """docs/demo.md holds the committed run's tables as the demo wrote them, their scores are the
+    record's, and the page gives its wall time."""
+    page = (ROOT / "docs" / "demo.md").read_text()
+    record, methods, written = committed_run()
     for task in demo.TASKS:
-        (model,) = task.models  # one table per task
-        rows = readme_table(readme, task)
+        lines = markdown_table(page, task)
+        assert lines == markdown_table(written, task), task.name
+        rows = table_cells(lines)
         assert len(rows) == len(methods), task.name
         for method in methods:
-            entries = {e["micro_batch"]: e for e in record["summary"]
-                       if (e["task"], e["model"], e["method"]) == (task.name, model, method.name)}
-            scores = [f"{100 * entries[m]['test']:.1f} ± {100 * entries[m]['test_std']:.1f}"
-                      if m in entries else "—" for m in task.micro_batches]
-            cells = rows[report.method_label(method, task)]
-            assert cells[:len(scores)] == scores, (task.name, method.name)
+            cells = list(rows[report.method_label(method, task)].values())[1:]
+            assert cells[:len(task.micro_batches)] == expected_scores(record, task, method), method.name
     seconds = round(record["wall_seconds"])
-    assert f"took {seconds} s ({seconds // 60} min {seconds % 60} s)" in readme
+    assert f"took {seconds} s ({seconds // 60} min {seconds % 60} s)" in page
+
+
+def test_the_readme_headline_is_the_committed_run():
+    """The README's segmentation table: every method but the ablations, each cell as in the committed
+    run's table (the README leaves columns out, never changes one)."""
+    readme = (ROOT / "README.md").read_text()
+    record, methods, written = committed_run()
+    task = demo.TASKS[0]
+    shown = table_cells(markdown_table(readme, task))
+    committed = table_cells(markdown_table(written, task))
+    assert list(shown) == [report.method_label(m, task) for m in methods if not m.ablation]
+    for method in methods:
+        if method.ablation:
+            continue
+        label = report.method_label(method, task)
+        assert shown[label].items() <= committed[label].items(), label
+        scores = [shown[label][f"{task.metric} mb {m}"] for m in task.micro_batches]
+        assert scores == expected_scores(record, task, method), label
