@@ -74,3 +74,12 @@ def test_snippet_runs_as_written(page, line, code, tmp_path):
                                     f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     # The loops the pages show keep their windows within an optimizer step: no OpenWindowWarning.
     assert "OpenWindowWarning" not in result.stderr, result.stderr[-5000:]
+
+
+def test_ci_runs_the_readmes_test_command():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    command = ci[-1].strip()
+    assert command.startswith("pip install") and command.endswith("python -m pytest -q"), command
+    blocks = re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.S | re.M)
+    assert any(command in block.splitlines() for block in blocks), \
+        f"the README's test command is not the one .ci/run runs: {command}"
