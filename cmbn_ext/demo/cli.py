@@ -47,7 +47,7 @@ QUICK_TASKS = (  # seconds: every method, micro-batch and code path, on a few im
     ShapesSegmentation(seeds=(0, 1), learning_rates=(1e-3, 1e-2), steps=2, split_sizes=(32, 16, 16)),
     DigitsClassification(seeds=(0, 1), learning_rates=(0.03, 0.3), steps=2, split_sizes=(64, 32, 32)),
 )
-TIMING_STEPS = 5
+TIMING_STEPS = 9  # rounds: a median that one busy moment of the machine does not move
 QUICK_TIMING_STEPS = 1
 
 

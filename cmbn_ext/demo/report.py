@@ -167,7 +167,10 @@ def markdown(summary, tasks, record, methods=METHODS):
              "the same machine and torch version; the times per step are measurements and do not.", "",
              f"Time per optimizer step: median of {record['timing_steps']} steps after a warm-up step, "
              "one thread, the whole step (every micro-batch's forward and backward, and the optimizer); "
-             "measured after the training runs, on the same machine and load. "
+             "on the CPU the thread's CPU time (what the step costs, whatever else the machine runs), "
+             "on a GPU the wall time; "
+             "measured after the training runs, side by side: each round times one step of every "
+             "method and micro-batch of the task in turn, so the machine's load weighs on all alike. "
              + ("The GPU columns are not measured: no GPU on this machine."
                 if machine["gpu"] is None else
                 f"GPU: {machine['gpu']}, CUDA kernels "

@@ -296,35 +296,52 @@ def _executor(tasks, device, workers):
 # ------------------------------------------------------------------------------------------- cost
 
 
-def time_per_step(task, config, data, device, steps=5):
-    """Median milliseconds of one optimizer step (all its micro-batches, forward and backward, and the
-    optimizer), after one warm-up step, on one thread for the CPU. The model is the one trained."""
+def _step_timer(task, config, data, device):
+    """A function that runs and times one optimizer step (all its micro-batches, forward and backward,
+    and the optimizer) of the model trained for ``config``, in milliseconds."""
     model, optimizer = prepare(task, config, min(task.learning_rates), 0, device)
     model.train()
     images, labels = (t[:task.optimizer_batch].to(device) for t in data["train"])
-    times = []
-    for _ in range(steps + 1):
+
+    # On the CPU, the thread's CPU time: what the step costs, whatever else the machine runs meanwhile
+    # (the step runs on this one thread). On a GPU, the wall time up to the result.
+    clock = time.perf_counter if device.startswith("cuda") else time.thread_time
+
+    def timed_step():
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
-        started = time.perf_counter()
+        started = clock()
         train_step(model, optimizer, task, images, labels, config.micro_batch)  # .item() waits for CUDA
-        times.append(1000 * (time.perf_counter() - started))
-    return statistics.median(times[1:])
+        return 1000 * (clock() - started)
+    return timed_step
+
+
+def time_per_step(task, config, data, device, steps=5):
+    """Median milliseconds of one optimizer step after one warm-up step, on one thread for the CPU."""
+    timed_step = _step_timer(task, config, data, device)
+    return statistics.median([timed_step() for _ in range(steps + 1)][1:])
 
 
 def time_all(tasks, devices, steps, methods=METHODS):
     """``{(task, model, method, micro-batch, device): ms per optimizer step}``, single-threaded on the
-    CPU like the training runs."""
+    CPU like the training runs.
+
+    Side by side: every configuration of a task takes one warm-up step, then ``steps`` rounds each
+    time one step of every configuration in turn, and each gets the median of its rounds. A change of
+    the machine's load during the measurement then weighs on every method alike.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         timings = {}
         for task in tasks:
             data = task.load_data()
-            for config in plan_configs([task], methods):
-                for device in devices:
-                    key = (task.name, config.model, config.method.name, config.micro_batch, device)
-                    timings[key] = time_per_step(task, config, data, device, steps)
+            timers = {(task.name, config.model, config.method.name, config.micro_batch, device):
+                      _step_timer(task, config, data, device)
+                      for config in plan_configs([task], methods) for device in devices}
+            rounds = [[timed_step() for timed_step in timers.values()] for _ in range(steps + 1)]
+            for index, key in enumerate(timers):
+                timings[key] = statistics.median(times[index] for times in rounds[1:])
         return timings
     finally:
         torch.set_num_threads(threads)
