@@ -312,7 +312,8 @@ struct BackwardCall {
 // The loops of cpu_loops.h are compiled twice: `baseline` with the compiler's default flags (SSE2 on
 // x86-64, where at::vec falls back to plain arrays and spills them), and `avx2` (cpu_loops_avx2.cpp,
 // GCC on x86-64 only) with at::vec's AVX2 vectors. Neither uses FMA, and both add in the same order,
-// so they give the same bits.
+// so they give the same bits, but for the exp, log1p and tanh of the ELU, SiLU and Mish activations
+// (libm's lane by lane in one, SLEEF's in the other: the last bit may differ).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CMBN_CPU_AVX2_LOOPS 1
 #endif
