@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cmbn_ext
 import emulation
-from cmbn_ext import ops, reference, window_state
+from cmbn_ext import activations, ops, reference, window_state
 
 # CMBN_EMULATED_KERNELS=1 (or asan) runs this module on the CPU against the same kernels compiled for
 # the CPU, which conftest.py loads (tests/emulation; tests/test_emulated_kernels.py starts that run):
@@ -1465,8 +1465,6 @@ def test_training_step_launches_only_the_kernels(shape):
 # fp64 here, the kernels in their statistics' dtype: the tolerances above hold. The inputs keep every
 # pre-activation value away from a kink of the derivative (|z - kink| > 1e-3), where the kernels'
 # rounding could take the other side.
-from cmbn_ext import activations  # noqa: E402
-
 ACTIVATIONS = {
     "identity": (activations.IDENTITY, 0.0),
     "relu": (activations.RELU, 0.0),

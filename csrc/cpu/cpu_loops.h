@@ -783,7 +783,48 @@ struct ActivationGrad {
 
   // Whether the plain loops (g = dy, u = x - batch_mean) serve.
   bool plain() const { return code == kIdentity && !from_output; }
+
+  // Whether the sums' pass keeps, for the dx pass, what takes an exp or log1p to compute: g (ELU, SiLU,
+  // Mish), or from the output u (ELU's inverse). Kept in grad_x, when it holds the statistics' dtype,
+  // so the dx pass reads it back with the same bits instead of computing it again.
+  bool keeps() const { return code == kElu || code == kSilu || code == kMish; }
+  static const Vec& kept_one(const Vec& g, const Vec& u, bool from_output) {
+    return from_output ? u : g;
+  }
+
+  // g and u with the kept one read back (keeps()).
+  void vec_from_kept(const Vec& dy, const Vec& s, const Vec& kept, const Vec& batch_mean, Vec& g,
+                     Vec& u) const {
+    if (from_output) {
+      g = dy * Act::derivative_from_output(s, code, param);
+      u = kept;
+    } else {
+      g = kept;
+      u = s - batch_mean;
+    }
+  }
+
+  void scalar_from_kept(acc_t dy, acc_t s, acc_t kept, const GradChannel<acc_t>& ch, acc_t& g,
+                        acc_t& u) const {
+    if (from_output) {
+      g = dy * activation_derivative_from_output(s, code, param);
+      u = kept;
+    } else {
+      g = kept;
+      u = s - ch.batch_mean;
+    }
+  }
 };
+
+// Where the sums' pass keeps g or u for the dx pass (ActivationGrad::keeps): grad_x itself when it
+// holds the statistics' dtype, else nowhere (null: the dx pass computes them again).
+template <typename scalar_t, typename acc_t>
+acc_t* kept_in(const ActivationGrad<acc_t>& act, scalar_t* grad_x) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (act.keeps()) return grad_x;
+  }
+  return nullptr;
+}
 
 template <typename acc_t>
 ActivationGrad<acc_t> activation_grad(const GradParams<acc_t>& p) {
@@ -810,10 +851,11 @@ void dx_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc
 }
 
 // dx = (constant + u * coef_xc) + g * coef_dy over n values, g and u through the activation.
+// kept: what the sums' pass kept (kept_in), read back here before dx overwrites it (the same memory).
 template <typename scalar_t, typename acc_t>
 void activated_dx_span(const scalar_t* dy, const scalar_t* s, scalar_t* dx, int64_t n,
                        const ActivationGrad<acc_t>& act, const GradChannel<acc_t>& ch,
-                       const DxCoefficients<acc_t>& k) {
+                       const DxCoefficients<acc_t>& k, const acc_t* kept) {
   using IO = VecIO<scalar_t, acc_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -821,6 +863,19 @@ void activated_dx_span(const scalar_t* dy, const scalar_t* s, scalar_t* dx, int6
       inv_weight(ch.inv_weight);
   const Vec vdy(k.coef_dy), vxc(k.coef_xc), vconst(k.constant);
   int64_t i = 0;
+  if (kept != nullptr) {
+    for (; i + K <= n; i += K) {
+      Vec g, u;
+      act.vec_from_kept(IO::load(dy + i), IO::load(s + i), Vec::loadu(kept + i), mean, g, u);
+      IO::store(dx + i, (vconst + u * vxc) + g * vdy);
+    }
+    for (; i < n; ++i) {
+      acc_t g, u;
+      act.scalar_from_kept(static_cast<acc_t>(dy[i]), static_cast<acc_t>(s[i]), kept[i], ch, g, u);
+      dx[i] = static_cast<scalar_t>((k.constant + u * k.coef_xc) + g * k.coef_dy);
+    }
+    return;
+  }
   for (; i + K <= n; i += K) {
     Vec g, u;
     act.vec(IO::load(dy + i), IO::load(s + i), center, scale, shift, mean, inv_weight, g, u);
@@ -872,20 +927,23 @@ struct GradSpanSums {
   }
 
   // sum(g) and sum(g * u) through the activation (ActivationGrad).
+  // keep: where g or u is kept for the dx pass (kept_in), or null.
   void add_activated(const scalar_t* dy, const scalar_t* s, int64_t n,
-                     const ActivationGrad<acc_t>& act, const GradChannel<acc_t>& ch) {
+                     const ActivationGrad<acc_t>& act, const GradChannel<acc_t>& ch, acc_t* keep) {
     const Vec center(ch.center), scale(ch.scale), shift(ch.shift), mean(ch.batch_mean),
         inv_weight(ch.inv_weight);
     int64_t i = 0;
     for (; i + K <= n; i += K) {
       Vec g, u;
       act.vec(IO::load(dy + i), IO::load(s + i), center, scale, shift, mean, inv_weight, g, u);
+      if (keep != nullptr) ActivationGrad<acc_t>::kept_one(g, u, act.from_output).store(keep + i);
       dy0 += g;
       xc0 += g * u;
     }
     for (; i < n; ++i) {
       acc_t g, u;
       act.scalar(static_cast<acc_t>(dy[i]), static_cast<acc_t>(s[i]), ch, g, u);
+      if (keep != nullptr) keep[i] = act.from_output ? u : g;
       tail_dy += g;
       tail_xc += g * u;
     }
@@ -924,17 +982,19 @@ void backward_planes(const BackwardCall<scalar_t, acc_t>& call) {
       if (activated) {
         const ActivationGrad<acc_t> act = activation_grad(*call.params);
         const GradChannel<acc_t> ch = grad_channel(*call.params, c);
+        acc_t* kept = kept_in(act, call.grad_x);
         GradSpanSums<scalar_t, acc_t> sums;
         for (int64_t n = 0; n < L.outer; ++n) {
           const int64_t offset = n * plane_stride + c * L.inner;
-          sums.add_activated(call.grad_y + offset, call.x + offset, L.inner, act, ch);
+          sums.add_activated(call.grad_y + offset, call.x + offset, L.inner, act, ch,
+                             kept != nullptr ? kept + offset : nullptr);
         }
         sums.result(sum_dy, sum_dy_xc);
         const DxCoefficients<acc_t> k = dx_coefficients(*call.params, c, sum_dy, sum_dy_xc);
         for (int64_t n = 0; n < L.outer; ++n) {
           const int64_t offset = n * plane_stride + c * L.inner;
           activated_dx_span(call.grad_y + offset, call.x + offset, call.grad_x + offset, L.inner,
-                            act, ch, k);
+                            act, ch, k, kept != nullptr ? kept + offset : nullptr);
         }
         continue;
       }
@@ -994,6 +1054,7 @@ void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
             Vec::loadu(shift + c), Vec::loadu(bm + c), Vec::loadu(inv_weight + c), g, u);
   };
 
+  acc_t* kept = kept_in(act, call.grad_x);
   const int64_t chunk_rows = rows_per_chunk(rows);
   const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
   std::vector<acc_t> partial(static_cast<size_t>(chunks * 2 * C));
@@ -1006,16 +1067,19 @@ void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
       for (int64_t r = k * chunk_rows; r < row_end; ++r) {
         const scalar_t* dy = call.grad_y + r * C;
         const scalar_t* s = call.x + r * C;
+        acc_t* keep = kept != nullptr ? kept + r * C : nullptr;
         int64_t c = 0;
         for (; c + K <= C; c += K) {
           Vec g, u;
           g_and_u(dy, s, c, g, u);
+          if (keep != nullptr) ActivationGrad<acc_t>::kept_one(g, u, act.from_output).store(keep + c);
           (Vec::loadu(acc_g + c) + g).store(acc_g + c);
           (Vec::loadu(acc_gu + c) + g * u).store(acc_gu + c);
         }
         for (; c < C; ++c) {
           acc_t g, u;
           act.scalar(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), channel[c], g, u);
+          if (keep != nullptr) keep[c] = act.from_output ? u : g;
           acc_g[c] += g;
           acc_gu[c] += g * u;
         }
@@ -1044,16 +1108,27 @@ void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
       const scalar_t* dy = call.grad_y + r * C;
       const scalar_t* s = call.x + r * C;
       scalar_t* out = call.grad_x + r * C;
+      const acc_t* keep = kept != nullptr ? kept + r * C : nullptr;  // read before out overwrites it
       int64_t c = 0;
       for (; c + K <= C; c += K) {
         Vec g, u;
-        g_and_u(dy, s, c, g, u);
+        if (keep != nullptr) {
+          act.vec_from_kept(IO::load(dy + c), IO::load(s + c), Vec::loadu(keep + c),
+                            Vec::loadu(bm + c), g, u);
+        } else {
+          g_and_u(dy, s, c, g, u);
+        }
         IO::store(out + c, (Vec::loadu(constant + c) + u * Vec::loadu(coef_xc + c)) +
                                g * Vec::loadu(coef_dy + c));
       }
       for (; c < C; ++c) {
         acc_t g, u;
-        act.scalar(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), channel[c], g, u);
+        if (keep != nullptr) {
+          act.scalar_from_kept(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), keep[c],
+                               channel[c], g, u);
+        } else {
+          act.scalar(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), channel[c], g, u);
+        }
         out[c] = static_cast<scalar_t>((constant[c] + u * coef_xc[c]) + g * coef_dy[c]);
       }
     }
