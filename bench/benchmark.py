@@ -22,6 +22,11 @@ Both also time one optimizer step of a 6-layer conv net over 16 micro-batches of
 mode, window 16). The shapes are the CPU target shapes, then the GPU shapes that fit in memory.
 Without ``cmbn_ext._C``'s CPU kernels the run goes on, and says that its CmBN column is the
 pure-PyTorch path.
+
+``--fused-activation`` (CPU) times instead BatchNorm + activation fused into the op (``cmbn_train_forward``
+with its activation arguments, the input kept, or the output for LeakyReLU) against BatchNorm2d followed
+by the activation module and against CmBN followed by it, side by side, and writes
+``DIR/cpu-fused-activation.md``.
 """
 import time
 
@@ -761,6 +766,134 @@ def _stop_group_and_exit(proc):
 
 
 # ------------------------------------------------------------------------------------------ the run
+# ------------------------------------------------------------------------------ fused activations
+FUSED_ACTIVATION_SHAPES = [(8, 64, 56, 56), (2, 256, 28, 28), (8, 512, 28, 28), (2, 32, 32, 32)]
+# name -> (activation module, cmbn_ext.activations code and parameter, invertible: the lean policy)
+FUSED_ACTIVATIONS = {
+    "LeakyReLU(0.1)": (lambda: nn.LeakyReLU(0.1, inplace=True), (2, 0.1), True),
+    "SiLU": (lambda: nn.SiLU(inplace=True), (4, 0.0), False),
+}
+
+
+class FusedActivationCmBN(nn.Module):
+    """CmBN with the activation computed inside ``cmbn_train_forward`` (cumulative mode, the window of
+    make_layer's CmBN); ``keep_output``: the backward keeps the output instead of the input
+    (memory="lean")."""
+
+    def __init__(self, channels, activation, keep_output=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels).uniform_(0.5, 1.5))
+        self.bias = nn.Parameter(torch.randn(channels))
+        for name, value in (("window_count", torch.zeros(1, channels, dtype=torch.long)),
+                            ("window_mean", torch.zeros(1, channels)), ("window_var", torch.ones(1, channels)),
+                            ("window_step", torch.tensor(0)), ("running_mean", torch.zeros(channels)),
+                            ("running_var", torch.ones(channels)), ("num_batches_tracked", torch.tensor(0))):
+            self.register_buffer(name, value)
+        self.activation, self.keep_output = activation, keep_output
+
+    def forward(self, x):
+        return torch.ops.cmbn_ext.cmbn_train_forward(
+            x, self.weight, self.bias, self.window_count, self.window_mean, self.window_var,
+            self.window_step, self.running_mean, self.running_var, self.num_batches_tracked, EPS, None,
+            False, "cumulative", WINDOW, 0.1, False, *self.activation, self.keep_output)[0]
+
+
+def fused_activation_layers(channels, activation):
+    """{variant: layer} for one activation: BatchNorm2d then the module, CmBN then the module, and the
+    activation fused into CmBN's op (and its lean policy where the activation is invertible)."""
+    module, code, invertible = FUSED_ACTIVATIONS[activation]
+    layers = {"BatchNorm2d + act": nn.Sequential(make_layer("batchnorm", channels, "cpu"), module()),
+              "CmBN + act": nn.Sequential(make_layer("cmbn", channels, "cpu"), module()),
+              "CmBN fused": FusedActivationCmBN(channels, code)}
+    if invertible:
+        layers["CmBN fused, lean"] = FusedActivationCmBN(channels, code, keep_output=True)
+    return {name: layer.train() for name, layer in layers.items()}
+
+
+def run_fused_activation(args):
+    """The CPU table of the fused activations (``--fused-activation``), into
+    ``DIR/cpu-fused-activation.md``."""
+    torch.set_num_threads(args.threads or 1)
+    device = torch.device("cpu")
+    settings = SETTINGS["quick" if args.quick else "cpu"]
+    load_before = os.getloadavg()
+    rows = []
+    for dtype_key in args.dtypes:
+        for shape in args.shapes:
+            x_bytes = base_record(shape, dtype_key, "fwd", "cmbn")["x_bytes"]
+            input_sets = make_input_sets(shape, dtype_key, device, timing.input_sets_needed(x_bytes, device))
+            for activation in FUSED_ACTIVATIONS:
+                layers = fused_activation_layers(shape[1], activation)
+                if dtype_key.endswith("-cl"):
+                    layers = {k: v.to(memory_format=torch.channels_last) for k, v in layers.items()}
+                calls = {(name, pass_): layer_call(layer, pass_) for name, layer in layers.items()
+                         for pass_ in PASSES}
+                outcomes = timing.time_interleaved(calls, input_sets, device, warmup=settings["warmup"],
+                                                   min_runs=settings["min_runs"],
+                                                   max_runs=settings["max_runs"],
+                                                   seconds=settings["seconds"] * len(calls))
+                for pass_ in PASSES:
+                    times = {name: outcomes[(name, pass_)] for name in layers}
+                    rows.append((shape, dtype_key, activation, pass_, times))
+                    print(fused_activation_row(rows[-1]), flush=True)
+            del input_sets
+    load_after = os.getloadavg()
+    text = fused_activation_report(rows, device, load_before, load_after, args)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "cpu-fused-activation.md")
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+FUSED_COLUMNS = ("BatchNorm2d + act", "CmBN + act", "CmBN fused", "CmBN fused, lean")
+
+
+def fused_activation_row(row):
+    shape, dtype_key, activation, pass_, times = row
+
+    def ms(name):
+        t = times.get(name)
+        return "-" if t is None else (describe(t) if isinstance(t, Exception) else f"{t.median_ms:.3f}")
+
+    def ratio(name):
+        t, base = times.get(name), times.get("BatchNorm2d + act")
+        if t is None or isinstance(t, Exception) or isinstance(base, Exception):
+            return "-"
+        return f"{t.median_ms / base.median_ms:.2f}"
+    return (f"| {'x'.join(map(str, shape))} | {dtype_key} | {activation} | {pass_} | "
+            + " | ".join(ms(name) for name in FUSED_COLUMNS) + " | "
+            + " | ".join(ratio(name) for name in FUSED_COLUMNS[1:]) + " |")
+
+
+def fused_activation_report(rows, device, load_before, load_after, args):
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# CPU: BatchNorm + activation fused into CmBN's op",
+        "",
+        f"{device_name(device)}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch thread(s); {date}. Load average (1, 5, 15 min) "
+        f"{', '.join(f'{v:.2f}' for v in load_before)} before the run and "
+        f"{', '.join(f'{v:.2f}' for v in load_after)} after it (other processes shared the host).",
+        "",
+        "Median ms per call (training forward, or forward and the gradients of x, weight and bias), the "
+        "variants timed side by side in interleaved rounds over rotated inputs "
+        "(`python bench/benchmark.py --device cpu --fused-activation`). BatchNorm2d + act: torch's "
+        "BatchNorm2d then the activation module (in place); CmBN + act: CrossMiniBatchNorm2d then the "
+        "module; CmBN fused: the activation computed in `cmbn_train_forward` and differentiated in "
+        "`cmbn_backward`, the input kept; lean: the output kept instead (invertible activations). "
+        "Ratios are to BatchNorm2d + act (below 1: faster).",
+        "",
+        "| shape | dtype | activation | pass | " + " | ".join(f"{c} ms" for c in FUSED_COLUMNS) + " | "
+        + " | ".join(f"{c} / BN+act" for c in FUSED_COLUMNS[1:]) + " |",
+        "|" + "---|" * (4 + 2 * len(FUSED_COLUMNS) - 1),
+    ]
+    lines += [fused_activation_row(row) for row in rows]
+    lines += [""] + [f"- {note}" for note in args.note]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def cpu_kernels_loaded():
     """Whether the CPU kernels of cmbn_ext._C serve CPU tensors in this process."""
     return cmbn_ext.has_cpu_kernels()
@@ -857,13 +990,17 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on cpu, torch's on cuda)")
     parser.add_argument("--note", action="append", default=[], help="a line for the Notes section")
+    parser.add_argument("--fused-activation", action="store_true",
+                        help="CPU: BatchNorm + activation fused into CmBN's op against the modules "
+                             "(DIR/cpu-fused-activation.md)")
     parser.add_argument("--worker-plan", help=argparse.SUPPRESS)  # the pure-PyTorch subprocess
     args = parser.parse_args(argv)
     if args.budget_s is None:
         args.budget_s = 140.0 if args.device == "cuda" else 900.0
     if args.threads is None and args.device == "cpu":
         args.threads = 1  # the CPU targets are at one thread
-    default_shapes = GPU_SHAPES if args.device == "cuda" else CPU_SHAPES
+    default_shapes = (GPU_SHAPES if args.device == "cuda" else
+                      FUSED_ACTIVATION_SHAPES if args.fused_activation else CPU_SHAPES)
     args.shapes = ([tuple(int(n) for n in s.lower().split("x")) for s in args.shapes.split(",")]
                    if args.shapes else default_shapes)
     if any(len(s) != 4 or min(s) < 1 for s in args.shapes):
@@ -1031,6 +1168,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker_plan:
         return run_worker(args.worker_plan)
+    if args.fused_activation:
+        return run_fused_activation(args)
     return run(args)
 
 

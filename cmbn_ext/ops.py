@@ -29,11 +29,14 @@ from . import reference, user_warnings, window_state
 SCHEMAS = {
     "cmbn_forward": (
         "(Tensor x, Tensor? weight, Tensor? bias, Tensor history_count, Tensor history_mean, "
-        "Tensor history_var, float eps, float? ema_momentum, bool exact_grad) "
+        "Tensor history_var, float eps, float? ema_momentum, bool exact_grad, int activation=0, "
+        "float activation_param=0.) "
         "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"),
+    # x: the layer's input, or its output when from_output (memory="lean", an invertible activation)
     "cmbn_backward": (
         "(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor var, Tensor batch_mean, "
-        "Tensor batch_var, Tensor b, float eps, bool exact_grad) "
+        "Tensor batch_var, Tensor b, float eps, bool exact_grad, Tensor? bias=None, int activation=0, "
+        "float activation_param=0., bool from_output=False) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"),
     "cmbn_batch_stats": "(Tensor x) -> (Tensor batch_mean, Tensor batch_var)",
     "cmbn_pooled_forward": (
@@ -56,9 +59,12 @@ SCHEMAS = {
         "Tensor(b!) window_mean, Tensor(c!) window_var, Tensor(d!) window_step, "
         "Tensor(e!)? running_mean, Tensor(f!)? running_var, Tensor(g!)? num_batches_tracked, float eps, "
         "float? ema_momentum, bool exact_grad, str layer_mode, int? window, float? momentum, "
-        "bool every_micro_batch=False) "
+        "bool every_micro_batch=False, int activation=0, float activation_param=0., "
+        "bool keep_output=False) "
         "-> (Tensor y, Tensor mean, Tensor var, Tensor batch_mean, Tensor batch_var, Tensor b)"),
 }
+# activation / activation_param: activations.py's codes; the op returns act(y). keep_output (autograd
+# only): the backward keeps the output rather than x, and calls cmbn_backward with from_output.
 _lib = torch.library.Library("cmbn_ext", "DEF")
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
@@ -139,9 +145,9 @@ def has_cpu_kernels():
 
 
 def _reference_forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
-                       exact_grad):
+                       exact_grad, activation=0, activation_param=0.0):
     return reference.forward(x, weight, bias, history_count, history_mean, history_var, eps,
-                             ema_momentum)
+                             ema_momentum, activation, activation_param)
 
 
 def normalization_history(window_count, window_mean, window_var, layer_mode):
@@ -154,11 +160,12 @@ def normalization_history(window_count, window_mean, window_var, layer_mode):
 
 def _reference_train_forward(x, weight, bias, window_count, window_mean, window_var, window_step,
                              running_mean, running_var, num_batches_tracked, eps, ema_momentum,
-                             exact_grad, layer_mode, window, momentum, every_micro_batch=False):
+                             exact_grad, layer_mode, window, momentum, every_micro_batch=False,
+                             activation=0, activation_param=0.0, keep_output=False):
     outputs = reference.forward(x, weight, bias,
                                 *normalization_history(window_count, window_mean, window_var,
                                                        layer_mode),
-                                eps, ema_momentum)
+                                eps, ema_momentum, activation, activation_param)
     m = reference.values_per_channel(x)
     if m:  # an empty micro-batch leaves the state as it is
         window_state.update_state(window_count, window_mean, window_var, window_step, running_mean,
@@ -228,19 +235,21 @@ _reference_lib.impl("warn_no_kernel_image", torch.library.fallthrough_kernel, "A
 
 @torch.library.register_fake("cmbn_ext::cmbn_forward")
 def _forward_fake(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
-                  exact_grad):
+                  exact_grad, activation=0, activation_param=0.0):
     return (torch.empty_like(x), *(_channel_stats(x) for _ in range(5)))
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_train_forward")
 def _train_forward_fake(x, weight, bias, window_count, window_mean, window_var, window_step,
                         running_mean, running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
-                        layer_mode, window, momentum, every_micro_batch=False):
+                        layer_mode, window, momentum, every_micro_batch=False, activation=0,
+                        activation_param=0.0, keep_output=False):
     return (torch.empty_like(x), *(_channel_stats(x) for _ in range(5)))
 
 
 @torch.library.register_fake("cmbn_ext::cmbn_backward")
-def _backward_fake(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact_grad):
+def _backward_fake(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact_grad, bias=None,
+                   activation=0, activation_param=0.0, from_output=False):
     return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
 
 
@@ -282,16 +291,19 @@ class CrossMiniBatchNormFunction(torch.autograd.Function):
 
     An ``autograd.Function`` rather than ``register_autograd`` on the op: it costs a fraction of the
     per-call Python overhead, and ``torch.compile`` traces it all the same. Returns the op's outputs;
-    only ``y`` is differentiable.
+    only ``y`` is differentiable. ``keep_output``: the backward keeps ``y`` rather than ``x``
+    (``memory="lean"``; the activation must be invertible).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
-                exact_grad):
+                exact_grad, activation=0, activation_param=0.0, keep_output=False):
         y, mean, var, batch_mean, batch_var, b = torch.ops.cmbn_ext.cmbn_forward(
-            x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum, exact_grad)
-        ctx.save_for_backward(x, weight, mean, var, batch_mean, batch_var, b)
+            x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum, exact_grad,
+            activation, activation_param)
+        ctx.save_for_backward(y if keep_output else x, weight, bias, mean, var, batch_mean, batch_var, b)
         ctx.eps, ctx.exact_grad = eps, exact_grad
+        ctx.activation, ctx.keep_output = (activation, activation_param), keep_output
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var, batch_mean, batch_var, b)
         return y, mean, var, batch_mean, batch_var, b
@@ -301,9 +313,10 @@ class CrossMiniBatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("cmbn_ext: double backward (create_graph=True) through CrossMiniBatchNorm "
                                "is not supported")
-        x, weight, mean, var, batch_mean, batch_var, b = ctx.saved_tensors
+        saved, weight, bias, mean, var, batch_mean, batch_var, b = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = torch.ops.cmbn_ext.cmbn_backward(
-            grad_y, x, weight, mean, var, batch_mean, batch_var, b, ctx.eps, ctx.exact_grad)
+            grad_y, saved, weight, mean, var, batch_mean, batch_var, b, ctx.eps, ctx.exact_grad, bias,
+            *ctx.activation, ctx.keep_output)
         return input_grads(ctx, grad_x, grad_weight, grad_bias, weight)
 
 
@@ -319,12 +332,13 @@ def input_grads(ctx, grad_x, grad_weight, grad_bias, weight):
 
 def _train_forward_autograd(x, weight, bias, window_count, window_mean, window_var, window_step,
                             running_mean, running_var, num_batches_tracked, eps, ema_momentum,
-                            exact_grad, layer_mode, window, momentum, every_micro_batch=False):
+                            exact_grad, layer_mode, window, momentum, every_micro_batch=False,
+                            activation=0, activation_param=0.0, keep_output=False):
     """``cmbn_train_forward``'s autograd where the compiled extension does not give it one in C++:
     ``CrossMiniBatchNormFunction``, then the state update (the same math, at more host cost)."""
     outputs = CrossMiniBatchNormFunction.apply(
         x, weight, bias, *normalization_history(window_count, window_mean, window_var, layer_mode),
-        eps, ema_momentum, exact_grad)
+        eps, ema_momentum, exact_grad, activation, activation_param, keep_output)
     m = reference.values_per_channel(x)
     if m:
         with torch.no_grad():

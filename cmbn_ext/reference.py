@@ -9,6 +9,13 @@ Shapes: ``x`` is ``(N, C, *)``; per-channel statistics are ``(C,)``; history is 
 """
 import torch
 
+from . import activations
+
+# memory="lean" divides by the weight to recover the normalized input: a weight of smaller magnitude
+# is taken as this magnitude, with its sign (zero as positive). The layers keep their input instead
+# whenever a weight is that small (modules.py), so this only guards the division.
+LEAN_MIN_WEIGHT = 1e-3
+
 
 def stats_dtype(dtype):
     """Statistics and arithmetic run in fp64 for fp64 input, in fp32 for everything else."""
@@ -87,16 +94,20 @@ def current_weight(history_count, m, ema_momentum, dtype):
     return b.to(dtype)
 
 
-def normalize(x, mean, var, weight, bias, eps):
-    """``y = weight * (x - mean) / sqrt(var + eps) + bias``, computed in the statistics' dtype and stored
-    in the dtype and memory format of ``x``.
+def normalize(x, mean, var, weight, bias, eps, activation=activations.IDENTITY, activation_param=0.0):
+    """``act(weight * (x - mean) / sqrt(var + eps) + bias)``, computed in the statistics' dtype and
+    stored in the dtype and memory format of ``x``.
 
     This is BatchNorm's inference transform with ``(mean, var)`` in place of the running statistics,
-    so torch's fused per-channel kernel does it in one pass.
+    so torch's fused per-channel kernel does it in one pass; an activation other than the identity
+    is applied before the result is rounded to ``x``'s dtype.
     """
     dtype = mean.dtype
-    y = torch.batch_norm(x, _as(weight, dtype), _as(bias, dtype), mean, var, False, 0.0, eps,
-                         torch.backends.cudnn.enabled)
+    fused = activation != activations.IDENTITY
+    y = torch.batch_norm(x.to(dtype) if fused else x, _as(weight, dtype), _as(bias, dtype), mean, var,
+                         False, 0.0, eps, torch.backends.cudnn.enabled)
+    if fused:
+        y = activations.apply(y, activation, activation_param).to(x.dtype)
     return _like(y, x)
 
 
@@ -110,29 +121,31 @@ def _like(t, x):
 
 
 def pooled_forward(x, weight, bias, count, batch_mean, batch_var, history_count, history_mean,
-                   history_var, eps, ema_momentum):
+                   history_var, eps, ema_momentum, activation=activations.IDENTITY, activation_param=0.0):
     """Pool the micro-batch's statistics (over ``count`` values per channel) with the history and
     normalize ``x`` with the result.
 
     ``count`` is usually ``x``'s own ``m``; across processes it is the whole group's, and the statistics
-    are the group's. Returns ``(y, mean, var, b)``.
+    are the group's. ``y`` is the activation's output when there is one. Returns ``(y, mean, var, b)``.
     """
     dtype = stats_dtype(x.dtype)
     n_h, mean_h, var_h = merge_history(history_count, history_mean, history_var, dtype)
     b = current_weight(n_h, count, ema_momentum, dtype)
     mean, var = pool(mean_h, var_h, batch_mean.to(dtype), batch_var.to(dtype), b)
-    return normalize(x, mean, var, weight, bias, eps), mean, var, b
+    return normalize(x, mean, var, weight, bias, eps, activation, activation_param), mean, var, b
 
 
-def forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum):
+def forward(x, weight, bias, history_count, history_mean, history_var, eps, ema_momentum,
+            activation=activations.IDENTITY, activation_param=0.0):
     """The training forward of one micro-batch.
 
-    Returns ``(y, mean, var, batch_mean, batch_var, b)``: the output, the pooled statistics it was
-    normalized with, the micro-batch's own statistics and the weight ``b`` the micro-batch had.
+    Returns ``(y, mean, var, batch_mean, batch_var, b)``: the output (after the activation), the
+    pooled statistics it was normalized with, the micro-batch's own statistics and the weight ``b`` the micro-batch had.
     """
     batch_mean, batch_var = batch_stats(x)
     y, mean, var, b = pooled_forward(x, weight, bias, values_per_channel(x), batch_mean, batch_var,
-                                     history_count, history_mean, history_var, eps, ema_momentum)
+                                     history_count, history_mean, history_var, eps, ema_momentum,
+                                     activation, activation_param)
     return y, mean, var, batch_mean, batch_var, b
 
 
@@ -189,14 +202,23 @@ def backward_dx(grad_y, x, weight, mean, var, batch_mean, batch_var, b, sum_dy, 
     return grad_x
 
 
-def backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact):
+def backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact, bias=None,
+             activation=activations.IDENTITY, activation_param=0.0, from_output=False):
     """Closed-form gradients of SPEC section 4 for one process, history held constant.
+
+    With an activation, ``grad_y`` is the gradient of its output: it is multiplied by the
+    activation's derivative at the pre-activation value first (SPEC section 3). ``from_output``
+    (``memory="lean"``, invertible activations): ``x`` is the layer's output, from which the
+    pre-activation value and the normalized input are recovered (``activation_input``).
 
     Returns ``(grad_x, grad_weight, grad_bias)``, the parameter gradients per channel in the statistics'
     dtype. The renorm ``dx`` is BatchNorm's training backward about the micro-batch's own statistics
     with the weight scaled by ``invstd / invstd_b``, so torch's fused BatchNorm backward computes it
     and both sums in one call; ``backward_dx`` is the same formula written out.
     """
+    if activation != activations.IDENTITY or from_output:
+        return _backward_through_activation(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps,
+                                            exact, bias, activation, activation_param, from_output)
     if exact or values_per_channel(x) == 0:
         sum_dy, sum_dy_xc = backward_sums(grad_y, x, batch_mean)
         grad_x = backward_dx(grad_y, x, weight, mean, var, batch_mean, batch_var, b, sum_dy, sum_dy_xc,
@@ -213,6 +235,49 @@ def backward(grad_y, x, weight, mean, var, batch_mean, batch_var, b, eps, exact)
         sum_dy, sum_dy_xc = sum_dy.to(dtype), sum_dy_xhat_b.to(dtype) / invstd_b
     grad_weight, grad_bias = parameter_grads(mean, var, batch_mean, sum_dy, sum_dy_xc, eps)
     return grad_x, grad_weight, grad_bias
+
+
+def activation_input(saved, weight, mean, var, bias, eps, activation, activation_param, from_output):
+    """``(x, dact)`` in the statistics' dtype: the layer's input and the activation's derivative at the
+    pre-activation value ``z``. ``saved`` is the input (``z`` recomputed from it) or, ``from_output``,
+    the output: then ``z = act^-1(output)``, ``xhat = (z - bias) / weight`` (a weight below
+    ``LEAN_MIN_WEIGHT`` in magnitude taken as that magnitude) and ``x = mean + xhat * sqrt(var + eps)``.
+    """
+    dtype = stats_dtype(saved.dtype)
+    saved = saved.to(dtype)
+    if from_output:
+        if not activations.invertible(activation, activation_param):
+            raise ValueError(f"cmbn_backward: from_output needs an invertible activation, got "
+                             f"{activations.CODE_NAMES.get(activation, activation)!r} with parameter "
+                             f"{activation_param}")
+        z = activations.invert(saved, activation, activation_param)
+        if bias is not None:
+            z = z - channel_view(bias.to(dtype), saved)
+        if weight is not None:
+            w = weight.to(dtype)
+            magnitude = w.abs().clamp(min=LEAN_MIN_WEIGHT)
+            z = z / channel_view(torch.where(w < 0, -magnitude, magnitude), saved)
+        x = z * channel_view(torch.sqrt(var + eps), saved) + channel_view(mean, saved)
+        return x, activations.derivative_from_output(saved, activation, activation_param)
+    z = (saved - channel_view(mean, saved)) * channel_view(torch.rsqrt(var + eps), saved)
+    if weight is not None:
+        z = z * channel_view(weight.to(dtype), saved)
+    if bias is not None:
+        z = z + channel_view(bias.to(dtype), saved)
+    return saved, activations.derivative(z, activation, activation_param)
+
+
+def _backward_through_activation(grad_y, saved, weight, mean, var, batch_mean, batch_var, b, eps, exact,
+                                 bias, activation, activation_param, from_output):
+    """``backward`` with an activation or from the output: the identity's formulas on the recovered
+    input and ``dy * act'(z)``, in the statistics' dtype; ``grad_x`` in the dtype and memory format
+    of ``saved``."""
+    x, dact = activation_input(saved, weight, mean, var, bias, eps, activation, activation_param,
+                               from_output)
+    grad_z = _match_layout(grad_y, saved).to(x.dtype) * dact
+    grad_x, grad_weight, grad_bias = backward(grad_z, x, weight, mean, var, batch_mean, batch_var, b,
+                                              eps, exact)
+    return _like(grad_x.to(saved.dtype), saved), grad_weight, grad_bias
 
 
 def _zero_stats(x):

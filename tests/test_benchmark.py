@@ -107,6 +107,25 @@ def _record(shape, pass_, variant, ms):
             "median_ms": ms, "p25_ms": ms, "p75_ms": ms, "runs": 5, "launches": None}
 
 
+def test_fused_activation_table(tmp_path, keep_threads):
+    """--fused-activation writes its table: a row per shape, dtype, activation and pass, every variant
+    timed (lean for the invertible LeakyReLU only), with the load average named."""
+    argv = ["--device", "cpu", "--fused-activation", "--out", str(tmp_path), "--quick",
+            "--shapes", "2x8x6x6", "--dtypes", "fp32,fp16-cl"]
+    assert benchmark.main(argv) == 0
+    assert torch.get_num_threads() == 1
+    text = (tmp_path / "cpu-fused-activation.md").read_text()
+    assert "Load average" in text and benchmark.device_name(torch.device("cpu")) in text
+    rows = [line for line in text.splitlines() if line.startswith("| 2x8x6x6 |")]
+    assert len(rows) == 2 * len(benchmark.FUSED_ACTIVATIONS) * 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        lean = cells[2].startswith("LeakyReLU")
+        times = cells[4:8]
+        assert all(float(t) > 0 for t in (times if lean else times[:3])), row
+        assert lean or times[3] == "-", row
+
+
 def test_cpu_summary_and_targets_from_fake_numbers(tmp_path):
     """The CPU targets: median and worst of CmBN/BN over the target shapes only, the end-to-end step
     against the BatchNorm2d step of its own process."""

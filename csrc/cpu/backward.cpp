@@ -1,7 +1,9 @@
 // The CmBN backward family on the CPU (SPEC section 4, reference.backward):
 //   cmbn_backward:      the per-channel sums sum(dy) and sum(dy * (x - batch_mean)) in one pass over x
 //                       and dy, then dx = coef_dy * dy + coef_xc * (x - batch_mean) + const for either
-//                       gradient, and grad_weight, grad_bias;
+//                       gradient, and grad_weight, grad_bias; through an activation, g = dy * act'(z)
+//                       in place of dy, and from the output the normalized input in place of
+//                       x - batch_mean (cpu_loops.h);
 //   cmbn_backward_sums: the two sums alone;
 //   cmbn_backward_dx:   dx alone, from sums the caller gives (all-reduced across processes).
 // This file checks the arguments, allocates the outputs and hands the pointers to the loops
@@ -74,13 +76,21 @@ GradParams<acc_t> grad_params(const SavedStatistics& saved, double eps, bool exa
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad) {
+    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad,
+    const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
+    bool from_output) {
   const char* op = "cmbn_backward";
   check_input(op, x, "x");
   check_grad_y(op, grad_y, x);
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
               x.scalar_type(), "), got ", grad_y.scalar_type());
+  check_activation(op, activation, activation_param, from_output);
+  check_optional_channel_vector(op, bias, "bias", x);
   const SavedStatistics saved = saved_statistics(op, x, weight, mean, var, batch_mean, batch_var, b);
+  // The bias only moves z (the activation's input) and the output: unused without either.
+  const at::Tensor bias_c = activation != kIdentity || from_output
+                                ? optional_as_dtype(bias, stats_dtype(x.scalar_type()))
+                                : at::Tensor();
 
   const int64_t channels = x.size(1);
   const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
@@ -98,6 +108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cpu(
           grad_params<acc_t>(saved, eps, exact_grad, work.layout.values_per_channel());
       params.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
       params.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
+      params.bias = data_or_null<acc_t>(bias_c);
+      params.activation = activation;
+      params.activation_param = activation_param;
+      params.from_output = from_output;
       // The sums land in the parameter gradients' buffers first; dx_coefficients then overwrites
       // each channel's with its gradient after reading it.
       BackwardCall<scalar_t, acc_t> call{};

@@ -9,12 +9,14 @@
 
 namespace cmbn {
 
-// cmbn_ext::cmbn_forward: (y, mean, var, batch_mean, batch_var, b).
+// cmbn_ext::cmbn_forward: (y, mean, var, batch_mean, batch_var, b), y = act(BN(x)) with activation.h's
+// code and parameter.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_forward_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& history_count,
     const at::Tensor& history_mean, const at::Tensor& history_var, double eps,
-    std::optional<double> ema_momentum, bool exact_grad);
+    std::optional<double> ema_momentum, bool exact_grad, int64_t activation,
+    double activation_param);
 
 // cmbn_ext::cmbn_batch_stats: (batch_mean, batch_var).
 std::tuple<at::Tensor, at::Tensor> cmbn_batch_stats_cpu(const at::Tensor& x);
@@ -26,11 +28,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_c
     const at::Tensor& batch_var, const at::Tensor& history_count, const at::Tensor& history_mean,
     const at::Tensor& history_var, double eps, std::optional<double> ema_momentum);
 
-// cmbn_ext::cmbn_backward: (grad_x, grad_weight, grad_bias).
+// cmbn_ext::cmbn_backward: (grad_x, grad_weight, grad_bias). grad_y is the gradient of act's output;
+// x is the layer's input, or with from_output (an invertible activation) its output.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad);
+    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad,
+    const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
+    bool from_output);
 
 // cmbn_ext::cmbn_backward_sums: (sum_dy, sum_dy_xc).
 std::tuple<at::Tensor, at::Tensor> cmbn_backward_sums_cpu(const at::Tensor& grad_y,
@@ -76,6 +81,7 @@ cmbn_train_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& wei
                        const std::optional<at::Tensor>& num_batches_tracked, double eps,
                        std::optional<double> ema_momentum, bool exact_grad,
                        std::string_view layer_mode, std::optional<int64_t> window,
-                       std::optional<double> momentum, bool every_micro_batch);
+                       std::optional<double> momentum, bool every_micro_batch, int64_t activation,
+                       double activation_param, bool keep_output);
 
 }  // namespace cmbn

@@ -13,6 +13,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "activation.h"
+
 namespace cmbn {
 namespace cpu {
 
@@ -88,6 +90,20 @@ inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Ten
               ", got ", grad_y.sizes());
   TORCH_CHECK(is_supported_float(grad_y.scalar_type()), op, ": grad_y must be a float tensor, got ",
               grad_y.scalar_type());
+}
+
+// An activation code of activation.h (cmbn_ext/activations.py), and, when the backward reads the
+// output (from_output), one whose output determines its input.
+inline void check_activation(const char* op, int64_t activation, double activation_param,
+                             bool from_output = false) {
+  TORCH_CHECK(activation >= 0 && activation < kActivationCount, op,
+              ": activation must be a code from 0 to ", kActivationCount - 1,
+              " (cmbn_ext.activations: identity, relu, leaky_relu, elu, silu, mish, hardswish), got ",
+              activation);
+  TORCH_CHECK(!from_output || activation_invertible(activation, activation_param), op,
+              ": from_output needs an invertible activation (identity, leaky_relu with a positive "
+              "slope, elu with a positive alpha), got activation ", activation,
+              " with activation_param ", activation_param);
 }
 
 // The value of a 0-dim (or one-element) int64 count: the whole group's values per channel.
@@ -246,6 +262,8 @@ struct ForwardCall {
   acc_t* batch_var;
   const Pooling<acc_t>* pooling;
   int64_t count;  // values per channel the statistics are over
+  int64_t activation;       // activation.h's code, applied to y before the store (0: none)
+  double activation_param;
 };
 
 // The statistics saved by the forward, per channel, in the statistics' dtype.
@@ -262,6 +280,13 @@ struct GradParams {
   int64_t count;        // values per channel the sums are over
   acc_t* grad_weight;   // null: not wanted
   acc_t* grad_bias;
+  // The activation grad_y is the gradient of (activation.h's code; 0: none), and what the backward
+  // reads as x: the input, or with from_output the output act(z), from which z and the normalized
+  // input are recovered. bias: null when absent.
+  const acc_t* bias;
+  int64_t activation;
+  double activation_param;
+  bool from_output;
 };
 
 // The work of one backward call. given_sum_dy/given_sum_dy_xc: the sums come from the caller
@@ -287,7 +312,8 @@ struct BackwardCall {
 // The loops of cpu_loops.h are compiled twice: `baseline` with the compiler's default flags (SSE2 on
 // x86-64, where at::vec falls back to plain arrays and spills them), and `avx2` (cpu_loops_avx2.cpp,
 // GCC on x86-64 only) with at::vec's AVX2 vectors. Neither uses FMA, and both add in the same order,
-// so they give the same bits.
+// so they give the same bits, but for the exp, log1p and tanh of the ELU, SiLU and Mish activations
+// (libm's lane by lane in one, SLEEF's in the other: the last bit may differ).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define CMBN_CPU_AVX2_LOOPS 1
 #endif

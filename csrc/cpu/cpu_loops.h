@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "activation.h"
 #include "cpu_kernel_utils.h"
 
 #ifndef CMBN_CPU_LOOPS
@@ -59,6 +60,96 @@ acc_t sum_lanes(const at::vec::Vectorized<acc_t>& v) {
   for (int64_t i = 0; i < kSize; ++i) total += lanes[i];
   return total;
 }
+
+// The activations on a vector (activation.h's scalar functions lane by lane, the same operations in
+// the same order): a switch on the code per vector, never a template parameter per activation. The
+// piecewise ones give the scalar functions' bits; exp, log1p and tanh are at::vec's (SLEEF's in the
+// avx2 build), which may differ from the scalar ones in the last bit.
+template <typename acc_t>
+struct VecActivation {
+  using Vec = at::vec::Vectorized<acc_t>;
+
+  static Vec sigmoid(const Vec& z) { return Vec(acc_t(1)) / (Vec(acc_t(1)) + z.neg().exp()); }
+
+  static Vec softplus(const Vec& z) {
+    return Vec::blendv(z.exp().log1p(), z, z > Vec(acc_t(20)));
+  }
+
+  // act(z)
+  static Vec apply(const Vec& z, int64_t code, acc_t param) {
+    const Vec zero(acc_t(0));
+    switch (code) {
+      case kRelu:
+        return Vec::blendv(zero, z, z > zero);
+      case kLeakyRelu:
+        return Vec::blendv(z * Vec(param), z, z > zero);
+      case kElu:
+        return Vec::blendv(Vec(param) * (z.exp() - Vec(acc_t(1))), z, z > zero);
+      case kSilu:
+        return z * sigmoid(z);
+      case kMish:
+        return z * softplus(z).tanh();
+      case kHardswish: {
+        const Vec inner = Vec::blendv(z * (z + Vec(acc_t(3))) / Vec(acc_t(6)), z, z >= Vec(acc_t(3)));
+        return Vec::blendv(inner, zero, z <= Vec(acc_t(-3)));
+      }
+      default:
+        return z;
+    }
+  }
+
+  // act'(z)
+  static Vec derivative(const Vec& z, int64_t code, acc_t param) {
+    const Vec zero(acc_t(0)), one(acc_t(1));
+    switch (code) {
+      case kRelu:
+        return Vec::blendv(zero, one, z > zero);
+      case kLeakyRelu:
+        return Vec::blendv(Vec(param), one, z > zero);
+      case kElu:
+        return Vec::blendv(Vec(param) * z.exp(), one, z > zero);
+      case kSilu: {
+        const Vec s = sigmoid(z);
+        return s * (one + z * (one - s));
+      }
+      case kMish: {
+        const Vec t = softplus(z).tanh();
+        return t + z * sigmoid(z) * (one - t * t);
+      }
+      case kHardswish: {
+        const Vec inner = Vec::blendv(one, z / Vec(acc_t(3)) + Vec(acc_t(0.5)), z <= Vec(acc_t(3)));
+        return Vec::blendv(inner, zero, z < Vec(acc_t(-3)));
+      }
+      default:
+        return one;
+    }
+  }
+
+  // z from act(z), for the invertible activations.
+  static Vec invert(const Vec& out, int64_t code, acc_t param) {
+    switch (code) {
+      case kLeakyRelu:
+        return Vec::blendv(out / Vec(param), out, out > Vec(acc_t(0)));
+      case kElu:
+        return Vec::blendv((out / Vec(param)).log1p(), out, out > Vec(acc_t(0)));
+      default:
+        return out;
+    }
+  }
+
+  // act'(z) from act(z), for the invertible activations.
+  static Vec derivative_from_output(const Vec& out, int64_t code, acc_t param) {
+    const Vec one(acc_t(1));
+    switch (code) {
+      case kLeakyRelu:
+        return Vec::blendv(Vec(param), one, out > Vec(acc_t(0)));
+      case kElu:
+        return Vec::blendv(out + Vec(param), one, out > Vec(acc_t(0)));
+      default:
+        return one;
+    }
+  }
+};
 
 // Sums f(v) over the values of one channel, given as spans (its planes), in a fixed order: four
 // vector accumulators and a scalar one for the ends of the spans, folded into outer accumulators
@@ -160,15 +251,26 @@ void pool_channel(const Pooling<acc_t>& p, int64_t c, int64_t count, acc_t batch
   shift = p.bias != nullptr ? p.bias[c] : acc_t(0);
 }
 
-// y = (x - center) * scale + shift over n values.
+// y = act((x - center) * scale + shift) over n values, act applied in the statistics' dtype before
+// the store; the identity has a loop of its own.
 template <typename scalar_t, typename acc_t>
 void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, acc_t center, acc_t scale,
-                    acc_t shift) {
+                    acc_t shift, int64_t activation, acc_t param) {
   using IO = VecIO<scalar_t, acc_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
   const Vec vc(center), va(scale), vb(shift);
   int64_t i = 0;
+  if (activation != kIdentity) {
+    for (; i + K <= n; i += K) {
+      IO::store(y + i, VecActivation<acc_t>::apply((IO::load(x + i) - vc) * va + vb, activation, param));
+    }
+    for (; i < n; ++i) {
+      y[i] = static_cast<scalar_t>(
+          activate((static_cast<acc_t>(x[i]) - center) * scale + shift, activation, param));
+    }
+    return;
+  }
   for (; i + 2 * K <= n; i += 2 * K) {
     IO::store(y + i, (IO::load(x + i) - vc) * va + vb);
     IO::store(y + i + K, (IO::load(x + i + K) - vc) * va + vb);
@@ -320,7 +422,8 @@ void forward_planes(const ForwardCall<scalar_t, acc_t>& call) {
       const int64_t plane_stride = L.channels * L.inner;
       for (int64_t n = 0; n < L.outer; ++n) {
         const int64_t offset = n * plane_stride + c * L.inner;
-        normalize_span(call.x + offset, call.y + offset, L.inner, center, scale, shift);
+        normalize_span(call.x + offset, call.y + offset, L.inner, center, scale, shift,
+                       call.activation, static_cast<acc_t>(call.activation_param));
       }
     }
   });
@@ -513,11 +616,25 @@ void forward_rows(const ForwardCall<scalar_t, acc_t>& call) {
     pool_channel(*call.pooling, c, call.count, mean[c], var[c], center[c], scale[c], shift[c]);
   }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  const int64_t activation = call.activation;
+  const acc_t param = static_cast<acc_t>(call.activation_param);
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = call.x + r * C;
       scalar_t* out = call.y + r * C;
       int64_t c = 0;
+      if (activation != kIdentity) {
+        for (; c + K <= C; c += K) {
+          const Vec z = (IO::load(row + c) - Vec::loadu(center + c)) * Vec::loadu(scale + c) +
+                        Vec::loadu(shift + c);
+          IO::store(out + c, VecActivation<acc_t>::apply(z, activation, param));
+        }
+        for (; c < C; ++c) {
+          const acc_t z = (static_cast<acc_t>(row[c]) - center[c]) * scale[c] + shift[c];
+          out[c] = static_cast<scalar_t>(activate(z, activation, param));
+        }
+        continue;
+      }
       for (; c + K <= C; c += K) {
         IO::store(out + c, (IO::load(row + c) - Vec::loadu(center + c)) * Vec::loadu(scale + c) +
                                Vec::loadu(shift + c));
@@ -548,9 +665,17 @@ struct DxCoefficients {
 
 // reference.backward_dx's per-channel coefficients for channel c (and reference.parameter_grads),
 // written in the reference's order of operations.
+// From the output (p.from_output) the sums are sum(g) and sum(g * xhat) with the pooled xhat the
+// output gives back, and dx is linear in xhat rather than in x - batch_mean: coef_xc is per unit of
+// xhat (see dx_coefficients_from_output).
+template <typename acc_t>
+DxCoefficients<acc_t> dx_coefficients_from_output(const GradParams<acc_t>& p, int64_t c, acc_t sum_g,
+                                                  acc_t sum_g_xhat);
+
 template <typename acc_t>
 DxCoefficients<acc_t> dx_coefficients(const GradParams<acc_t>& p, int64_t c, acc_t sum_dy,
                                       acc_t sum_dy_xc) {
+  if (p.from_output) return dx_coefficients_from_output(p, c, sum_dy, sum_dy_xc);
   const acc_t count = static_cast<acc_t>(p.count);
   const acc_t invstd = acc_t(1) / std::sqrt(p.var[c] + p.eps);
   // Pooled xhat = ((x - batch_mean) + shift) * invstd.
@@ -575,6 +700,137 @@ DxCoefficients<acc_t> dx_coefficients(const GradParams<acc_t>& p, int64_t c, acc
   return k;
 }
 
+// The same formulas in the pooled xhat = (x - mean) * invstd, as the output gives it back:
+//   exact:  dx = coef_dy * (g - (b/m) sum(g) - xhat (b/m) sum(g * xhat));
+//   renorm: x - batch_mean = xhat * std + (mean - batch_mean), so sum(g * (x - batch_mean)) =
+//           std * sum(g * xhat) + (mean - batch_mean) * sum(g), and its term of dx is split into one
+//           per unit of xhat and a constant.
+template <typename acc_t>
+DxCoefficients<acc_t> dx_coefficients_from_output(const GradParams<acc_t>& p, int64_t c, acc_t sum_g,
+                                                  acc_t sum_g_xhat) {
+  const acc_t count = static_cast<acc_t>(p.count);
+  const acc_t invstd = acc_t(1) / std::sqrt(p.var[c] + p.eps);
+  if (p.grad_weight != nullptr) {
+    p.grad_weight[c] = sum_g_xhat;
+    p.grad_bias[c] = sum_g;
+  }
+  DxCoefficients<acc_t> k;
+  k.coef_dy = p.weight != nullptr ? invstd * p.weight[c] : invstd;
+  if (p.exact) {
+    const acc_t b_over_m = p.current_weight[c] / count;
+    k.coef_xc = -k.coef_dy * b_over_m * sum_g_xhat;
+    k.constant = -k.coef_dy * b_over_m * sum_g;
+  } else {
+    const acc_t std_dev = std::sqrt(p.var[c] + p.eps);
+    const acc_t offset = p.mean[c] - p.batch_mean[c];
+    const acc_t sum_g_xc = std_dev * sum_g_xhat + offset * sum_g;
+    const acc_t coef_xc = -k.coef_dy * sum_g_xc / (count * (p.batch_var[c] + p.eps));
+    k.coef_xc = coef_xc * std_dev;
+    k.constant = -k.coef_dy * sum_g / count + coef_xc * offset;
+  }
+  return k;
+}
+
+// What the backward through an activation takes per channel: z = (x - center) * scale + shift as the
+// forward computed it, batch_mean, and 1 / lean_weight(weight) (from the output).
+template <typename acc_t>
+struct GradChannel {
+  acc_t center, scale, shift, batch_mean, inv_weight;
+};
+
+template <typename acc_t>
+GradChannel<acc_t> grad_channel(const GradParams<acc_t>& p, int64_t c) {
+  const acc_t invstd = acc_t(1) / std::sqrt(p.var[c] + p.eps);
+  GradChannel<acc_t> ch;
+  ch.center = p.mean[c];
+  ch.scale = p.weight != nullptr ? invstd * p.weight[c] : invstd;
+  ch.shift = p.bias != nullptr ? p.bias[c] : acc_t(0);
+  ch.batch_mean = p.batch_mean[c];
+  ch.inv_weight = p.weight != nullptr ? acc_t(1) / lean_weight(p.weight[c]) : acc_t(1);
+  return ch;
+}
+
+// g = dy * act'(z), and u, the value dx is linear in: x - batch_mean with z recomputed from x, or,
+// from the output s = act(z), the pooled xhat = (act^-1(s) - shift) / lean_weight(weight).
+template <typename acc_t>
+struct ActivationGrad {
+  using Vec = at::vec::Vectorized<acc_t>;
+  using Act = VecActivation<acc_t>;
+  int64_t code;
+  acc_t param;
+  bool from_output;
+
+  void vec(const Vec& dy, const Vec& s, const Vec& center, const Vec& scale, const Vec& shift,
+           const Vec& batch_mean, const Vec& inv_weight, Vec& g, Vec& u) const {
+    if (from_output) {
+      g = dy * Act::derivative_from_output(s, code, param);
+      u = (Act::invert(s, code, param) - shift) * inv_weight;
+    } else {
+      g = dy * Act::derivative((s - center) * scale + shift, code, param);
+      u = s - batch_mean;
+    }
+  }
+
+  void scalar(acc_t dy, acc_t s, const GradChannel<acc_t>& ch, acc_t& g, acc_t& u) const {
+    if (from_output) {
+      g = dy * activation_derivative_from_output(s, code, param);
+      u = (invert_activation(s, code, param) - ch.shift) * ch.inv_weight;
+    } else {
+      g = dy * activation_derivative((s - ch.center) * ch.scale + ch.shift, code, param);
+      u = s - ch.batch_mean;
+    }
+  }
+
+  // Whether the plain loops (g = dy, u = x - batch_mean) serve.
+  bool plain() const { return code == kIdentity && !from_output; }
+
+  // Whether the sums' pass keeps, for the dx pass, what takes an exp or log1p to compute: g (ELU, SiLU,
+  // Mish), or from the output u (ELU's inverse). Kept in grad_x, when it holds the statistics' dtype,
+  // so the dx pass reads it back with the same bits instead of computing it again.
+  bool keeps() const { return code == kElu || code == kSilu || code == kMish; }
+  static const Vec& kept_one(const Vec& g, const Vec& u, bool from_output) {
+    return from_output ? u : g;
+  }
+
+  // g and u with the kept one read back (keeps()).
+  void vec_from_kept(const Vec& dy, const Vec& s, const Vec& kept, const Vec& batch_mean, Vec& g,
+                     Vec& u) const {
+    if (from_output) {
+      g = dy * Act::derivative_from_output(s, code, param);
+      u = kept;
+    } else {
+      g = kept;
+      u = s - batch_mean;
+    }
+  }
+
+  void scalar_from_kept(acc_t dy, acc_t s, acc_t kept, const GradChannel<acc_t>& ch, acc_t& g,
+                        acc_t& u) const {
+    if (from_output) {
+      g = dy * activation_derivative_from_output(s, code, param);
+      u = kept;
+    } else {
+      g = kept;
+      u = s - ch.batch_mean;
+    }
+  }
+};
+
+// Where the sums' pass keeps g or u for the dx pass (ActivationGrad::keeps): grad_x itself when it
+// holds the statistics' dtype, else nowhere (null: the dx pass computes them again).
+template <typename scalar_t, typename acc_t>
+acc_t* kept_in(const ActivationGrad<acc_t>& act, scalar_t* grad_x) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (act.keeps()) return grad_x;
+  }
+  return nullptr;
+}
+
+template <typename acc_t>
+ActivationGrad<acc_t> activation_grad(const GradParams<acc_t>& p) {
+  return ActivationGrad<acc_t>{p.activation, static_cast<acc_t>(p.activation_param), p.from_output};
+}
+
 // dx = (constant + (x - batch_mean) * coef_xc) + dy * coef_dy over n values.
 template <typename scalar_t, typename acc_t>
 void dx_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc_t batch_mean,
@@ -591,6 +847,44 @@ void dx_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n, acc
     const acc_t centered = static_cast<acc_t>(x[i]) - batch_mean;
     dx[i] = static_cast<scalar_t>((k.constant + centered * k.coef_xc) +
                                   static_cast<acc_t>(dy[i]) * k.coef_dy);
+  }
+}
+
+// dx = (constant + u * coef_xc) + g * coef_dy over n values, g and u through the activation.
+// kept: what the sums' pass kept (kept_in), read back here before dx overwrites it (the same memory).
+template <typename scalar_t, typename acc_t>
+void activated_dx_span(const scalar_t* dy, const scalar_t* s, scalar_t* dx, int64_t n,
+                       const ActivationGrad<acc_t>& act, const GradChannel<acc_t>& ch,
+                       const DxCoefficients<acc_t>& k, const acc_t* kept) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const Vec center(ch.center), scale(ch.scale), shift(ch.shift), mean(ch.batch_mean),
+      inv_weight(ch.inv_weight);
+  const Vec vdy(k.coef_dy), vxc(k.coef_xc), vconst(k.constant);
+  int64_t i = 0;
+  if (kept != nullptr) {
+    for (; i + K <= n; i += K) {
+      Vec g, u;
+      act.vec_from_kept(IO::load(dy + i), IO::load(s + i), Vec::loadu(kept + i), mean, g, u);
+      IO::store(dx + i, (vconst + u * vxc) + g * vdy);
+    }
+    for (; i < n; ++i) {
+      acc_t g, u;
+      act.scalar_from_kept(static_cast<acc_t>(dy[i]), static_cast<acc_t>(s[i]), kept[i], ch, g, u);
+      dx[i] = static_cast<scalar_t>((k.constant + u * k.coef_xc) + g * k.coef_dy);
+    }
+    return;
+  }
+  for (; i + K <= n; i += K) {
+    Vec g, u;
+    act.vec(IO::load(dy + i), IO::load(s + i), center, scale, shift, mean, inv_weight, g, u);
+    IO::store(dx + i, (vconst + u * vxc) + g * vdy);
+  }
+  for (; i < n; ++i) {
+    acc_t g, u;
+    act.scalar(static_cast<acc_t>(dy[i]), static_cast<acc_t>(s[i]), ch, g, u);
+    dx[i] = static_cast<scalar_t>((k.constant + u * k.coef_xc) + g * k.coef_dy);
   }
 }
 
@@ -632,6 +926,31 @@ struct GradSpanSums {
     if (pending >= kFold) fold();
   }
 
+  // sum(g) and sum(g * u) through the activation (ActivationGrad).
+  // keep: where g or u is kept for the dx pass (kept_in), or null.
+  void add_activated(const scalar_t* dy, const scalar_t* s, int64_t n,
+                     const ActivationGrad<acc_t>& act, const GradChannel<acc_t>& ch, acc_t* keep) {
+    const Vec center(ch.center), scale(ch.scale), shift(ch.shift), mean(ch.batch_mean),
+        inv_weight(ch.inv_weight);
+    int64_t i = 0;
+    for (; i + K <= n; i += K) {
+      Vec g, u;
+      act.vec(IO::load(dy + i), IO::load(s + i), center, scale, shift, mean, inv_weight, g, u);
+      if (keep != nullptr) ActivationGrad<acc_t>::kept_one(g, u, act.from_output).store(keep + i);
+      dy0 += g;
+      xc0 += g * u;
+    }
+    for (; i < n; ++i) {
+      acc_t g, u;
+      act.scalar(static_cast<acc_t>(dy[i]), static_cast<acc_t>(s[i]), ch, g, u);
+      if (keep != nullptr) keep[i] = act.from_output ? u : g;
+      tail_dy += g;
+      tail_xc += g * u;
+    }
+    pending += n;
+    if (pending >= kFold) fold();
+  }
+
   void fold() {
     outer_dy += dy0 + dy1;
     outer_xc += xc0 + xc1;
@@ -654,10 +973,31 @@ void backward_planes(const BackwardCall<scalar_t, acc_t>& call) {
   const Layout& L = call.layout;
   const int64_t plane_stride = L.channels * L.inner;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L.values_per_channel(), 1));
+  // Through an activation (cmbn_backward only: the phase ops have none).
+  const bool activated = call.params != nullptr && !activation_grad(*call.params).plain();
   at::parallel_for(0, L.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const acc_t mean = call.batch_mean[c];
       acc_t sum_dy, sum_dy_xc;
+      if (activated) {
+        const ActivationGrad<acc_t> act = activation_grad(*call.params);
+        const GradChannel<acc_t> ch = grad_channel(*call.params, c);
+        acc_t* kept = kept_in(act, call.grad_x);
+        GradSpanSums<scalar_t, acc_t> sums;
+        for (int64_t n = 0; n < L.outer; ++n) {
+          const int64_t offset = n * plane_stride + c * L.inner;
+          sums.add_activated(call.grad_y + offset, call.x + offset, L.inner, act, ch,
+                             kept != nullptr ? kept + offset : nullptr);
+        }
+        sums.result(sum_dy, sum_dy_xc);
+        const DxCoefficients<acc_t> k = dx_coefficients(*call.params, c, sum_dy, sum_dy_xc);
+        for (int64_t n = 0; n < L.outer; ++n) {
+          const int64_t offset = n * plane_stride + c * L.inner;
+          activated_dx_span(call.grad_y + offset, call.x + offset, call.grad_x + offset, L.inner,
+                            act, ch, k, kept != nullptr ? kept + offset : nullptr);
+        }
+        continue;
+      }
       if (call.given_sum_dy != nullptr) {
         sum_dy = call.given_sum_dy[c];
         sum_dy_xc = call.given_sum_dy_xc[c];
@@ -681,6 +1021,120 @@ void backward_planes(const BackwardCall<scalar_t, acc_t>& call) {
   });
 }
 
+// backward_rows through an activation: the same chunks and order, g and u (ActivationGrad) in place
+// of dy and x - batch_mean, from per-channel vectors of GradChannel's values.
+template <typename scalar_t, typename acc_t>
+void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
+  using IO = VecIO<scalar_t, acc_t>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const Layout& L = call.layout;
+  const int64_t C = L.channels;
+  const int64_t rows = L.outer;
+  const GradParams<acc_t>& params = *call.params;
+  const ActivationGrad<acc_t> act = activation_grad(params);
+  std::vector<GradChannel<acc_t>> channel(static_cast<size_t>(C));
+  // Structure of arrays for the vector loads: center, scale, shift, batch_mean, inv_weight.
+  std::vector<acc_t> per_channel(static_cast<size_t>(5 * C));
+  for (int64_t c = 0; c < C; ++c) {
+    channel[c] = grad_channel(params, c);
+    per_channel[c] = channel[c].center;
+    per_channel[C + c] = channel[c].scale;
+    per_channel[2 * C + c] = channel[c].shift;
+    per_channel[3 * C + c] = channel[c].batch_mean;
+    per_channel[4 * C + c] = channel[c].inv_weight;
+  }
+  const acc_t* center = per_channel.data();
+  const acc_t* scale = center + C;
+  const acc_t* shift = scale + C;
+  const acc_t* bm = shift + C;
+  const acc_t* inv_weight = bm + C;
+  const auto g_and_u = [&](const scalar_t* dy, const scalar_t* s, int64_t c, Vec& g, Vec& u) {
+    act.vec(IO::load(dy + c), IO::load(s + c), Vec::loadu(center + c), Vec::loadu(scale + c),
+            Vec::loadu(shift + c), Vec::loadu(bm + c), Vec::loadu(inv_weight + c), g, u);
+  };
+
+  acc_t* kept = kept_in(act, call.grad_x);
+  const int64_t chunk_rows = rows_per_chunk(rows);
+  const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
+  std::vector<acc_t> partial(static_cast<size_t>(chunks * 2 * C));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* acc_g = partial.data() + k * 2 * C;
+      acc_t* acc_gu = acc_g + C;
+      std::fill(acc_g, acc_g + 2 * C, acc_t(0));
+      const int64_t row_end = std::min(rows, (k + 1) * chunk_rows);
+      for (int64_t r = k * chunk_rows; r < row_end; ++r) {
+        const scalar_t* dy = call.grad_y + r * C;
+        const scalar_t* s = call.x + r * C;
+        acc_t* keep = kept != nullptr ? kept + r * C : nullptr;
+        int64_t c = 0;
+        for (; c + K <= C; c += K) {
+          Vec g, u;
+          g_and_u(dy, s, c, g, u);
+          if (keep != nullptr) ActivationGrad<acc_t>::kept_one(g, u, act.from_output).store(keep + c);
+          (Vec::loadu(acc_g + c) + g).store(acc_g + c);
+          (Vec::loadu(acc_gu + c) + g * u).store(acc_gu + c);
+        }
+        for (; c < C; ++c) {
+          acc_t g, u;
+          act.scalar(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), channel[c], g, u);
+          if (keep != nullptr) keep[c] = act.from_output ? u : g;
+          acc_g[c] += g;
+          acc_gu[c] += g * u;
+        }
+      }
+    }
+  });
+  std::vector<acc_t> coefficients(static_cast<size_t>(3 * C));
+  acc_t* coef_dy = coefficients.data();
+  acc_t* coef_xc = coef_dy + C;
+  acc_t* constant = coef_xc + C;
+  for (int64_t c = 0; c < C; ++c) {  // the chunks' sums added in chunk order, in fp64
+    double total_g = 0, total_gu = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      total_g += static_cast<double>(partial[k * 2 * C + c]);
+      total_gu += static_cast<double>(partial[k * 2 * C + C + c]);
+    }
+    const DxCoefficients<acc_t> k = dx_coefficients(params, c, static_cast<acc_t>(total_g),
+                                                    static_cast<acc_t>(total_gu));
+    coef_dy[c] = k.coef_dy;
+    coef_xc[c] = k.coef_xc;
+    constant[c] = k.constant;
+  }
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* dy = call.grad_y + r * C;
+      const scalar_t* s = call.x + r * C;
+      scalar_t* out = call.grad_x + r * C;
+      const acc_t* keep = kept != nullptr ? kept + r * C : nullptr;  // read before out overwrites it
+      int64_t c = 0;
+      for (; c + K <= C; c += K) {
+        Vec g, u;
+        if (keep != nullptr) {
+          act.vec_from_kept(IO::load(dy + c), IO::load(s + c), Vec::loadu(keep + c),
+                            Vec::loadu(bm + c), g, u);
+        } else {
+          g_and_u(dy, s, c, g, u);
+        }
+        IO::store(out + c, (Vec::loadu(constant + c) + u * Vec::loadu(coef_xc + c)) +
+                               g * Vec::loadu(coef_dy + c));
+      }
+      for (; c < C; ++c) {
+        acc_t g, u;
+        if (keep != nullptr) {
+          act.scalar_from_kept(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), keep[c],
+                               channel[c], g, u);
+        } else {
+          act.scalar(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), channel[c], g, u);
+        }
+        out[c] = static_cast<scalar_t>((constant[c] + u * coef_xc[c]) + g * coef_dy[c]);
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
   using IO = VecIO<scalar_t, acc_t>;
@@ -692,6 +1146,9 @@ void backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
   const acc_t* bm = call.batch_mean;
   const acc_t* sum_dy = call.given_sum_dy;
   const acc_t* sum_dy_xc = call.given_sum_dy_xc;
+  if (call.params != nullptr && !activation_grad(*call.params).plain()) {
+    return activated_backward_rows(call);
+  }
   if (sum_dy == nullptr) {
     // Chunks of rows into their own partial sums (chunks x 2C), then merged in chunk order.
     const int64_t chunk_rows = rows_per_chunk(rows);

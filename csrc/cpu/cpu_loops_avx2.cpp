@@ -2,7 +2,8 @@
 // them (use_avx2_loops). Without it the extension's default x86-64 flags leave at::vec with plain
 // arrays of SSE2 registers, several times slower on cached data. The target is set here, around the
 // loops only, so the rest of the extension (ATen's and c10's inline functions included) keeps the
-// default flags and still runs on any x86-64 CPU. No FMA: the two builds give the same bits.
+// default flags and still runs on any x86-64 CPU. No FMA: the two builds give the same bits (but for
+// the transcendental activations, see cpu_kernel_utils.h).
 #include "cpu_kernel_utils.h"
 
 #ifdef CMBN_CPU_AVX2_LOOPS

@@ -1,6 +1,7 @@
 // The CmBN forward family on the CPU (SPEC sections 1 to 3, reference.forward):
 //   cmbn_forward:        the micro-batch's statistics (the mean, then the squared deviations from it,
-//                        see cpu_loops.h), the pooling with the history, and y, in one op;
+//                        see cpu_loops.h), the pooling with the history, and y (through the
+//                        activation, if any), in one op;
 //   cmbn_batch_stats:    the statistics alone;
 //   cmbn_pooled_forward: the pooling and y from statistics the caller gives (the whole group's).
 // This file checks the arguments, allocates the outputs and hands the pointers to the loops
@@ -80,10 +81,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& history_count,
     const at::Tensor& history_mean, const at::Tensor& history_var, double eps,
-    std::optional<double> ema_momentum, bool exact_grad) {
+    std::optional<double> ema_momentum, bool exact_grad, int64_t activation,
+    double activation_param) {
   (void)exact_grad;  // the forward is the same for both gradients
   const char* op = "cmbn_forward";
   check_pooling_args(op, x, weight, bias, history_count, history_mean, history_var);
+  check_activation(op, activation, activation_param);
 
   const int64_t channels = x.size(1);
   const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
@@ -111,6 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     call.batch_var = batch_var.mutable_data_ptr<acc_t>();
     call.pooling = &pooling;
     call.count = work.layout.values_per_channel();
+    call.activation = activation;
+    call.activation_param = activation_param;
     run_forward(call);
   });
   if (!work.out.is_same(y)) y.copy_(work.out);
