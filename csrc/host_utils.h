@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "activation.h"
 #include "kernel_types.h"
 
 namespace cmbn {
@@ -127,6 +128,25 @@ inline void check_per_channel(const char* op, const std::optional<at::Tensor>& t
               t->scalar_type());
   TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name,
               " must have shape (C,) = (", x.size(1), ",), got ", t->sizes());
+}
+
+// The activation arguments of a fused op (cmbn_ext/activations.py's codes): a known code, and
+// from_output (the backward reads the layer's output) only for an activation the output determines
+// the input of. ValueError, as the reference raises.
+inline void check_activation(const char* op, int64_t activation, double activation_param,
+                             bool from_output = false) {
+  TORCH_CHECK_VALUE(activation >= 0 && activation < kActivationCount, op,
+                    ": activation must be a code from 0 to ", kActivationCount - 1,
+                    " (cmbn_ext.activations), got ", activation);
+  TORCH_CHECK_VALUE(!from_output || activation_invertible(activation, activation_param), op,
+                    ": from_output needs an invertible activation (identity, leaky_relu with a "
+                    "positive slope, elu with a positive alpha), got activation ", activation,
+                    " with activation_param ", activation_param);
+}
+
+template <typename acc_t>
+ActivationParams<acc_t> activation_params(int64_t activation, double activation_param) {
+  return ActivationParams<acc_t>{activation, static_cast<acc_t>(activation_param)};
 }
 
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {

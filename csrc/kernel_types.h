@@ -85,6 +85,16 @@ struct AnyFloatVector {
   FloatKind kind;
 };
 
+// The activation a fused op applies after the normalization (activation.h's code) and its parameter,
+// as the kernels take it: a run-time value they test with a uniform branch per pack (the identity
+// runs the code it ran before activations existed), never a template parameter, so the number of
+// instantiations does not grow with the activations.
+template <typename acc_t>
+struct ActivationParams {
+  int64_t code;
+  acc_t param;
+};
+
 // The same for a vector the kernel writes (the layer's buffers).
 struct AnyFloatBuffer {
   void* data;
