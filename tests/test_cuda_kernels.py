@@ -1456,3 +1456,421 @@ def test_training_step_launches_only_the_kernels(shape):
     assert 2 <= len(names) <= 3, names
     names = _gpu_work_of(lambda: outputs[0].backward(grad_y))
     assert 1 <= sum("cmbn_backward" in name and "kernel" in name for name in names) <= 2, names
+
+
+# ------------------------------------------------------------------------------- fused activations
+# cmbn_forward / cmbn_train_forward with an activation applied before the store, and cmbn_backward
+# through it: from the input (z recomputed) and, for the invertible activations, from the output
+# (memory="lean": z = act^-1(out), then the normalized input). The reference applies the activation in
+# fp64 here, the kernels in their statistics' dtype: the tolerances above hold. The inputs keep every
+# pre-activation value away from a kink of the derivative (|z - kink| > 1e-3), where the kernels'
+# rounding could take the other side.
+from cmbn_ext import activations  # noqa: E402
+
+ACTIVATIONS = {
+    "identity": (activations.IDENTITY, 0.0),
+    "relu": (activations.RELU, 0.0),
+    "leaky_0.01": (activations.LEAKY_RELU, 0.01),
+    "leaky_0.2": (activations.LEAKY_RELU, 0.2),
+    "elu_1": (activations.ELU, 1.0),
+    "elu_0.7": (activations.ELU, 0.7),
+    "silu": (activations.SILU, 0.0),
+    "mish": (activations.MISH, 0.0),
+    "hardswish": (activations.HARDSWISH, 0.0),
+}
+# Where the derivative jumps (ELU's is continuous at 0 only for alpha = 1; kept away anyway).
+KINKS = {activations.RELU: (0.0,), activations.LEAKY_RELU: (0.0,), activations.ELU: (0.0,),
+         activations.HARDSWISH: (-3.0, 3.0)}
+# ELU from its output loses z where exp(z) is below the output dtype's resolution next to -alpha
+# (bf16: z < -6); the inputs stay above this.
+ELU_LOWEST_Z = -4.0
+ACTIVATION_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16,
+                     "bf16": torch.bfloat16}
+# The emulated kernels run the module on the CPU at a fraction of the speed: they take every
+# activation in fp32 and a representative subset of the other combinations (heavy ones marked).
+REPRESENTATIVE_ACTIVATIONS = ("leaky_0.2", "elu_0.7", "mish", "hardswish")
+heavy_when_emulated = pytest.mark.skipif(EMULATED, reason="the emulated kernels run a representative "
+                                                           "subset of the activation cases")
+
+
+def activation_parameters(channels, dtype, seed=1):
+    """weight of magnitude 0.5 to 1.5 with both signs (the lean backward divides by it), bias in
+    [-1, 1]."""
+    if dtype is None:
+        return None, None
+    gen = torch.Generator().manual_seed(seed)
+    magnitude = torch.rand(channels, generator=gen) + 0.5
+    sign = torch.where(torch.arange(channels) % 3 == 2, -1.0, 1.0)
+    weight = (magnitude * sign).to(dtype).to(DEVICE)
+    bias = (torch.rand(channels, generator=gen) * 2 - 1).to(dtype).to(DEVICE)
+    return weight, bias
+
+
+def pre_activation(x64, weight, bias, history, ema):
+    """``(z, dz/dx)`` of every element in fp64, with the statistics the forward pools for ``x64``."""
+    history64 = (history[0].cpu(), cpu64(history[1]), cpu64(history[2]))
+    _, mean, var, *_ = reference.forward(x64, cpu64(weight), cpu64(bias), *history64, EPS, ema)
+    slope = torch.rsqrt(var + EPS)
+    if weight is not None:
+        slope = slope * cpu64(weight)
+    z = (x64 - reference.channel_view(mean, x64)) * reference.channel_view(slope, x64)
+    if bias is not None:
+        z = z + reference.channel_view(cpu64(bias), x64)
+    return z, reference.channel_view(slope, x64)
+
+
+def activation_input(shape, dtype, memory_format, weight, bias, history, ema, code, seed=0):
+    """Random input whose pre-activation values keep 1e-3 from ``code``'s kinks (and, ELU, above
+    ELU_LOWEST_Z): offending elements are moved to another z and the statistics taken again until
+    none is left."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen).clamp(-3, 3) * 1.5 + 0.3).to(dtype).double()
+    kinks = KINKS.get(code, ())
+    for _ in range(50):
+        if not kinks or x.numel() == 0:
+            break
+        z, slope = pre_activation(x, weight, bias, history, ema)
+        near = torch.zeros_like(z, dtype=torch.bool)
+        for kink in kinks:
+            near |= (z - kink).abs() < 1e-3
+        low = z < ELU_LOWEST_Z if code == activations.ELU else torch.zeros_like(near)
+        if not (near | low).any():
+            break
+        # z moves by 0.02 to 0.1 (past what rounding x to its dtype undoes), or up to -2.
+        shift = torch.rand(shape, generator=gen, dtype=torch.float64) * 0.08 + 0.02
+        target = torch.where(low, torch.full_like(z, -2.0), z + shift)
+        x = torch.where(near | low, x + (target - z) / slope, x).to(dtype).double()
+    else:
+        raise AssertionError("could not keep the input away from the activation's kinks")
+    return device_input(x.to(dtype), memory_format)
+
+
+def run_activated_forward(x, weight, bias, history, ema, activation):
+    poison_allocator(x.numel() * x.element_size(), x.shape[1])
+    return FORWARD(x, weight, bias, *history, EPS, ema, False, *activation)
+
+
+def run_activated_backward(grad_y, saved, weight, bias, stats, exact, activation, from_output):
+    poison_allocator(saved.numel() * saved.element_size(), saved.shape[1])
+    return BACKWARD(grad_y, saved, weight, *stats, EPS, exact, bias, *activation, from_output)
+
+
+def check_activation_against_reference(x, weight, bias, history, ema, activation, grad_y=None):
+    """The activated forward and every backward (both gradients; from the input, and from the output
+    when the activation is invertible) against the reference in fp64. Returns the forward's outputs
+    and ``{(exact, from_output): grads}``."""
+    code, param = activation
+    dtype = x.dtype
+    stat_dtype = reference.stats_dtype(dtype)
+    out = run_activated_forward(x, weight, bias, history, ema, activation)
+    y, stats = out[0], out[1:]
+    assert y.dtype == dtype and y.shape == x.shape
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or (
+            x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        assert y.stride() == x.stride(), "y must keep x's memory format"
+    history64 = (history[0].cpu(), cpu64(history[1]), cpu64(history[2]))
+    expected = reference.forward(cpu64(x), cpu64(weight), cpu64(bias), *history64, EPS, ema, code, param)
+    assert_close(y, expected[0], OUTPUT_TOL[dtype], "y")
+    for name, actual, want in zip(("mean", "var", "batch_mean", "batch_var", "b"), stats, expected[1:]):
+        assert_close(actual, want, STAT_TOL[stat_dtype], name)
+
+    if grad_y is None:
+        grad_y = random_input(x.shape, dtype, seed=7, offset=0.0, scale=1.0)
+    m = reference.values_per_channel(x)
+    grads = {}
+    for from_output in (False, True) if activations.invertible(code, param) else (False,):
+        saved = y if from_output else x
+        for exact in (False, True):
+            what = f"(exact={exact}, from_output={from_output})"
+            grad_x, grad_weight, grad_bias = grads[exact, from_output] = run_activated_backward(
+                grad_y, saved, weight, bias, stats, exact, activation, from_output)
+            assert grad_x.dtype == dtype and grad_x.stride() == y.stride(), what
+            want = reference.backward(cpu64(grad_y), cpu64(saved), cpu64(weight),
+                                      *(cpu64(s) for s in stats), EPS, exact, cpu64(bias), code, param,
+                                      from_output)
+            assert_close(grad_x, want[0], OUTPUT_TOL[dtype], f"grad_x {what}")
+            assert_close(grad_weight, want[1], sum_tol(m, stat_dtype), f"grad_weight {what}")
+            assert_close(grad_bias, want[2], sum_tol(m, stat_dtype), f"grad_bias {what}")
+    return out, grads
+
+
+def activation_cases():
+    """(activation, dtype, layout, history) for test_activation_matches_reference; outside fp32, the
+    emulated kernels take the representative activations with history."""
+    cases = []
+    for name in ACTIVATIONS:
+        for dtype in ACTIVATION_DTYPES:
+            for layout in ("contiguous", "channels_last"):
+                for history in ("none", "window", "ema"):
+                    light = dtype == "fp32" or (name in REPRESENTATIVE_ACTIVATIONS and history == "window")
+                    cases.append(pytest.param(name, dtype, layout, history,
+                                              marks=() if light else heavy_when_emulated,
+                                              id=f"{name}-{dtype}-{layout}-{history}"))
+    return cases
+
+
+# history name -> (slots, ema momentum)
+ACTIVATION_HISTORIES = {"none": (0, None), "window": (3, None), "ema": (1, 0.1)}
+
+
+@pytest.mark.parametrize("activation,dtype_name,layout,history_name", activation_cases())
+def test_activation_matches_reference(activation, dtype_name, layout, history_name):
+    code, param = ACTIVATIONS[activation]
+    dtype = ACTIVATION_DTYPES[dtype_name]
+    shape, x_format, grad_format = LAYOUT_CASES[layout]
+    slots, ema = ACTIVATION_HISTORIES[history_name]
+    weight, bias = activation_parameters(shape[1], dtype)
+    history = random_history(slots, shape[1], reference.stats_dtype(dtype))
+    x = activation_input(shape, dtype, x_format, weight, bias, history, ema, code)
+    grad_y = random_input(shape, dtype, grad_format, seed=5, offset=0.0, scale=1.0)
+    check_activation_against_reference(x, weight, bias, history, ema, (code, param), grad_y)
+
+
+@pytest.mark.parametrize("activation", ["leaky_0.2", "elu_1", "silu"])
+@pytest.mark.parametrize("dtype_case", ["amp_fp16", "amp_bf16", "no_affine"])
+def test_activation_with_amp_parameters_and_no_affine(dtype_case, activation):
+    dtype, param_dtype = DTYPE_CASES[dtype_case]
+    code, param = ACTIVATIONS[activation]
+    shape = (4, 6, 5, 5)
+    weight, bias = activation_parameters(shape[1], param_dtype)
+    history = random_history(2, shape[1], torch.float32)
+    x = activation_input(shape, dtype, torch.channels_last, weight, bias, history, None, code)
+    check_activation_against_reference(x, weight, bias, history, None, (code, param))
+
+
+ACTIVATION_SHAPES = [
+    ((4, 3, 1, 1), "1x1 spatial"),
+    ((3, 1, 5, 9), "C=1"),
+    ((8, 2048, 2, 2), "C=2048"),
+    ((16, 2048), "(N, C) with C=2048"),
+    ((1, 3, 13, 11), "N=1, odd spatial"),
+    ((2, 4, 3, 5, 7), "3d odd"),
+    ((3, 42, 9, 9), "C not a multiple of the pack"),
+    ((2, 3, 96, 96), "large planes"),
+]
+SHAPE_ACTIVATIONS = ["leaky_0.01", "elu_0.7", "silu", "hardswish"]
+
+
+def activation_shape_cases():
+    cases = []
+    for i, (shape, shape_name) in enumerate(ACTIVATION_SHAPES):
+        for j, name in enumerate(SHAPE_ACTIVATIONS):
+            light = j == i % len(SHAPE_ACTIVATIONS)  # emulated: one activation per shape, in turn
+            cases.append(pytest.param(shape, name, marks=() if light else heavy_when_emulated,
+                                      id=f"{shape_name}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("shape,activation", activation_shape_cases())
+def test_activation_shapes(shape, activation, dtype, memory_format):
+    memory_format = layout_of(shape, memory_format)
+    code, param = ACTIVATIONS[activation]
+    weight, bias = activation_parameters(shape[1], dtype)
+    history = random_history(1, shape[1], torch.float32)
+    x = activation_input(shape, dtype, memory_format, weight, bias, history, None, code, seed=sum(shape))
+    check_activation_against_reference(x, weight, bias, history, None, (code, param))
+
+
+def test_activation_on_strided_inputs_and_an_expanded_gradient():
+    """A non-dense input, a dense permuted one and the expanded gradient of y.sum(), through an
+    activation, from the input and from the output."""
+    activation = ACTIVATIONS["leaky_0.2"]
+    weight, bias = activation_parameters(8, torch.float32)
+    history = random_history(1, 8, torch.float32)
+    # Every other row of a NaN-filled tensor: a read of the rows between fails the comparison.
+    strided = device_input(torch.full((3, 8, 10, 6), float("nan")))[:, :, ::2]
+    strided.copy_(activation_input((3, 8, 5, 6), torch.float32, torch.contiguous_format, weight, bias,
+                                   history, None, activation[0]))
+    values = activation_input((3, 8, 6, 5), torch.float32, torch.contiguous_format, weight, bias,
+                              history, None, activation[0])
+    permuted = device_input(values.permute(0, 2, 1, 3).cpu()).permute(0, 2, 1, 3)  # dense, C in the middle
+    for x in (strided, permuted):
+        check_activation_against_reference(x, weight, bias, history, None, activation)
+    x = activation_input((4, 8, 5, 5), torch.float32, torch.channels_last, weight, bias, history, None,
+                         activation[0])
+    grad_y = torch.ones((), device=DEVICE).expand(x.shape)
+    check_activation_against_reference(x, weight, bias, history, None, activation, grad_y)
+
+
+@pytest.mark.parametrize("activation", ["leaky_0.01", "elu_1"])
+def test_backward_from_the_output_with_weights_near_zero(activation):
+    """The lean backward divides by the weight: weights of magnitude below 1e-3 (zero and both signs)
+    are taken as 1e-3 with their sign, as the reference takes them; larger ones as they are."""
+    code, param = ACTIVATIONS[activation]
+    channels = 6
+    weight = torch.tensor([0.0, 1e-4, -1e-4, 1e-3, -2e-3, 0.7], device=DEVICE)
+    bias = torch.linspace(-0.3, 0.4, channels, device=DEVICE)
+    history = random_history(1, channels, torch.float32)
+    # z is about the bias where the weight is small: the kinks lie in the channels of larger weight.
+    x = activation_input((4, channels, 5, 5), torch.float32, torch.contiguous_format, weight, bias,
+                         history, None, code)
+    check_activation_against_reference(x, weight, bias, history, None, (code, param))
+
+
+def test_empty_micro_batch_with_an_activation():
+    x = torch.empty((0, 5, 3, 3), device=DEVICE)
+    weight, bias = activation_parameters(5, torch.float32)
+    count, mean, var = random_history(1, 5, torch.float32)
+    history = (count + 1, mean, var)  # statistics in every channel
+    activation = ACTIVATIONS["elu_0.7"]
+    y, *stats = run_activated_forward(x, weight, bias, history, None, activation)
+    assert y.shape == x.shape
+    expected = reference.forward(cpu64(x), cpu64(weight), cpu64(bias), history[0].cpu(),
+                                 cpu64(history[1]), cpu64(history[2]), EPS, None, *activation)
+    for actual, want in zip(stats, expected[1:]):
+        assert_close(actual, want, STAT_TOL[torch.float32], "statistics of an empty micro-batch")
+    for from_output in (False, True):
+        grad_x, grad_weight, grad_bias = run_activated_backward(x, y if from_output else x, weight, bias,
+                                                                stats, True, activation, from_output)
+        assert grad_x.shape == x.shape
+        assert torch.equal(grad_weight.cpu(), torch.zeros(5)) and torch.equal(grad_bias.cpu(),
+                                                                               torch.zeros(5))
+
+
+TRAIN_FORWARD = torch.ops.cmbn_ext.cmbn_train_forward
+
+
+@pytest.mark.parametrize("keep_output", [False, True], ids=["keep_input", "keep_output"])
+@pytest.mark.parametrize("mode_name", ["cumulative3", "sliding3", "ema", "deferred"])
+@pytest.mark.parametrize("activation,dtype", [("leaky_0.2", torch.float32), ("silu", torch.float16),
+                                              ("elu_0.7", torch.bfloat16), ("mish", torch.float64),
+                                              ("hardswish", torch.float32)],
+                         ids=["leaky_0.2-fp32", "silu-fp16", "elu_0.7-bf16", "mish-fp64",
+                              "hardswish-fp32"])
+def test_train_forward_with_an_activation(activation, dtype, mode_name, keep_output):
+    """cmbn_train_forward with an activation: cmbn_forward's bits with the same activation (and the
+    history the mode normalizes with), the reference's values, and the state update of those
+    statistics; keep_output changes nothing in the forward."""
+    mode, window = ("deferred", 2) if mode_name == "deferred" else STATE_MODES[mode_name]
+    code, param = ACTIVATIONS[activation]
+    shape = (4, 6, 5, 5)
+    state_dtype = reference.stats_dtype(dtype)
+    cpu_state = make_state(mode, window if mode != "deferred" else 1, shape[1], state_dtype, True)
+    kernel_state = to_device(cpu_state)
+    expected_state = to_device(cpu_state)
+    window = window if mode in ("cumulative", "deferred") else None
+    momentum = 0.1
+    history = ops.normalization_history(*expected_state[:3], mode)  # kernel_state is updated
+    ema = 0.1 if mode == "ema" else None
+    weight, bias = activation_parameters(shape[1], dtype)
+    x = activation_input(shape, dtype, torch.channels_last, weight, bias, history, ema, code)
+    poison_allocator(x.numel() * x.element_size(), shape[1])
+    trained = TRAIN_FORWARD(x, weight, bias, *kernel_state, EPS, ema, False, mode, window, momentum,
+                            False, code, param, keep_output)
+    forward = run_activated_forward(x, weight, bias, history, ema, (code, param))
+    for i, (got, want) in enumerate(zip(trained, forward)):
+        assert_same_bits(got, want, f"train_forward output {i} against cmbn_forward")
+    history64 = [cpu64(t) if t.is_floating_point() else t.cpu() for t in history]
+    expected = reference.forward(cpu64(x), cpu64(weight), cpu64(bias), *history64, EPS, ema, code, param)
+    assert_close(trained[0], expected[0], OUTPUT_TOL[dtype], "y")
+    UPDATE_STATE(*expected_state, counts(reference.values_per_channel(x))[0], *forward[1:5], mode, window,
+                 momentum, False)
+    assert_same_state(kernel_state, [None if t is None else t.cpu() for t in expected_state], state_dtype,
+                      "state after train_forward")
+
+
+def test_activation_bad_arguments_name_the_argument():
+    """An unknown activation code, and from_output with an activation whose output does not determine
+    its input (ReLU, SiLU, Mish, Hardswish, LeakyReLU of slope <= 0, ELU of alpha <= 0)."""
+    x = random_input((4, 6, 5, 5), torch.float32)
+    weight, bias = activation_parameters(6, torch.float32)
+    history = random_history(1, 6, torch.float32)
+    for code in (-1, 7, 100):
+        with pytest.raises((RuntimeError, ValueError), match="activation"):
+            FORWARD(x, weight, bias, *history, EPS, None, False, code, 0.0)
+    out = FORWARD(x, weight, bias, *history, EPS, None, False)
+    grad_y = random_input(x.shape, torch.float32, seed=3)
+    for code in (-1, 7):
+        with pytest.raises((RuntimeError, ValueError), match="activation"):
+            BACKWARD(grad_y, x, weight, *out[1:], EPS, False, bias, code, 0.0, False)
+    for code, param in ((activations.RELU, 0.0), (activations.SILU, 0.0), (activations.MISH, 0.0),
+                        (activations.HARDSWISH, 0.0), (activations.LEAKY_RELU, 0.0),
+                        (activations.LEAKY_RELU, -0.1), (activations.ELU, 0.0)):
+        with pytest.raises((RuntimeError, ValueError), match="from_output"):
+            BACKWARD(grad_y, out[0], weight, *out[1:], EPS, False, bias, code, param, True)
+    state = to_device(make_state("cumulative", 2, 6, torch.float32, True))
+    before = [t.clone() for t in state]
+    with pytest.raises((RuntimeError, ValueError), match="activation"):
+        TRAIN_FORWARD(x, weight, bias, *state, EPS, None, False, "cumulative", 2, 0.1, False, 9, 0.0)
+    assert all(torch.equal(got, kept) for got, kept in zip(state, before)), "a refused call changed state"
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", ["leaky_0.2", "silu"])
+def test_opcheck_with_an_activation(activation, dtype, memory_format):
+    code, param = ACTIVATIONS[activation]
+    weight, bias = activation_parameters(6, torch.float32)
+    history = random_history(1, 6, torch.float32)
+    x = activation_input((4, 6, 5, 5), dtype, memory_format, weight, bias, history, None, code)
+    x.requires_grad_()
+    weight.requires_grad_()
+    bias.requires_grad_()
+    torch.library.opcheck(FORWARD.default, (x, weight, bias, *history, EPS, None, False, code, param))
+    out = FORWARD(x.detach(), weight.detach(), bias.detach(), *history, EPS, None, True, code, param)
+    grad_y = random_input(x.shape, dtype, memory_format, seed=9)
+    for from_output in (False, True) if activations.invertible(code, param) else (False,):
+        saved = out[0] if from_output else x.detach()
+        for exact in (False, True):
+            torch.library.opcheck(BACKWARD.default, (grad_y, saved, weight.detach(), *out[1:], EPS, exact,
+                                                     bias.detach(), code, param, from_output))
+
+
+def activated_runs(x, weight, bias, history, grad_y, activation):
+    """Every output of the activated forward and backwards, cloned."""
+    out = run_activated_forward(x, weight, bias, history, None, activation)
+    grads = []
+    for from_output in (False, True) if activations.invertible(*activation) else (False,):
+        for exact in (False, True):
+            grads += run_activated_backward(grad_y, out[0] if from_output else x, weight, bias, out[1:],
+                                            exact, activation, from_output)
+    return [t.clone() for t in (*out, *grads)]
+
+
+@pytest.mark.parametrize("shape,memory_format", [
+    ((2, 3, 64, 64), torch.contiguous_format),
+    ((8, 32, 8, 8), torch.channels_last),
+], ids=["planes", "rows"])
+@pytest.mark.parametrize("activation", ["leaky_0.2", "silu"])
+def test_activation_bitwise_deterministic(activation, shape, memory_format):
+    """Reruns give the same bits; on the CPU kernels, one thread and two do too."""
+    code, param = ACTIVATIONS[activation]
+    weight, bias = activation_parameters(shape[1], torch.float32)
+    history = random_history(2, shape[1], torch.float32)
+    x = activation_input(shape, torch.float32, memory_format, weight, bias, history, None, code)
+    grad_y = random_input(shape, torch.float32, memory_format, seed=3, offset=0.0)
+    runs = [activated_runs(x, weight, bias, history, grad_y, (code, param)) for _ in range(2)]
+    if BACKEND == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                runs.append(activated_runs(x, weight, bias, history, grad_y, (code, param)))
+        finally:
+            torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], run)):
+            assert_same_bits(b, a, f"output {i} of a rerun")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_identity_activation_gives_the_bits_of_no_activation(memory_format, dtype):
+    """Activation code 0 is the plain op: the same bits as a call without the new arguments, and the
+    backward from the output recovers x to rounding."""
+    weight, bias = activation_parameters(6, dtype)
+    history = random_history(2, 6, torch.float32)
+    x = random_input((4, 6, 7, 5), dtype, memory_format)
+    grad_y = random_input(x.shape, dtype, memory_format, seed=4, offset=0.0)
+    plain = FORWARD(x, weight, bias, *history, EPS, None, False)
+    coded = FORWARD(x, weight, bias, *history, EPS, None, False, activations.IDENTITY, 0.0)
+    for a, b in zip(plain, coded):
+        assert_same_bits(b, a, "forward with activation=0")
+    for exact in (False, True):
+        plain_grads = BACKWARD(grad_y, x, weight, *plain[1:], EPS, exact)
+        coded_grads = BACKWARD(grad_y, x, weight, *plain[1:], EPS, exact, bias, activations.IDENTITY, 0.0,
+                               False)
+        for a, b in zip(plain_grads, coded_grads):
+            assert_same_bits(b, a, f"backward with activation=0 (exact={exact})")
