@@ -416,8 +416,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (!args.write_grad_x) return;  // the sums only (the same for every thread of the grid)
   __syncthreads();
 
-  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(block);
+  // The walker first: its start (on planes, 64-bit divisions, calls) then has fewer values live.
   Walker<L, VEC> walker(geo, group, split, /*reversed=*/true);
+  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(block);
   while (walker.next(offset, valid)) {
     Pack<scalar_t, VEC> x_pack[kUnroll];
     Pack<scalar_t, VEC> dy_pack[kUnroll];

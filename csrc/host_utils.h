@@ -146,7 +146,7 @@ inline void check_activation(const char* op, int64_t activation, double activati
 
 template <typename acc_t>
 ActivationParams<acc_t> activation_params(int64_t activation, double activation_param) {
-  return ActivationParams<acc_t>{activation, static_cast<acc_t>(activation_param)};
+  return ActivationParams<acc_t>{static_cast<int>(activation), static_cast<acc_t>(activation_param)};
 }
 
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
@@ -253,6 +253,11 @@ inline Geometry make_geometry(const LayoutInfo& info, int vec, int element_size,
     const int64_t stride = static_cast<int64_t>(geo.splits) * kBlockThreads;
     geo.step_outer = stride / geo.inner_packs;
     geo.step_inner = stride % geo.inner_packs;
+  }
+  if (info.layout == Layout::kRows && info.outer > 0) {
+    const int64_t stride = static_cast<int64_t>(geo.splits) * geo.rows_per_block;
+    geo.last_row_steps = (info.outer - 1) / stride;
+    geo.last_row_remainder = (info.outer - 1) % stride;
   }
   return geo;
 }

@@ -1816,6 +1816,10 @@ def test_opcheck_with_an_activation(activation, dtype, memory_format):
         for exact in (False, True):
             torch.library.opcheck(BACKWARD.default, (grad_y, saved, weight.detach(), *out[1:], EPS, exact,
                                                      bias.detach(), code, param, from_output))
+    state = to_device(make_state("cumulative", 2, 6, torch.float32, True))
+    for keep_output in (False, True) if activations.invertible(code, param) else (False,):
+        torch.library.opcheck(TRAIN_FORWARD.default, (x, weight, bias, *state, EPS, None, False, "cumulative",
+                                                      2, 0.1, False, code, param, keep_output))
 
 
 def activated_runs(x, weight, bias, history, grad_y, activation):
