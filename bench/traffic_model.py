@@ -9,7 +9,14 @@ per-channel vectors. The floor is what any normalization must move: the forward 
 (2|x|), the backward reads x and grad_y and writes grad_x (3|x|), plus the same per-channel vectors.
 Every figure here is a model, not a measurement.
 
+A fused activation (issue 22) adds no pass: the op reads and writes the same tensors, the backward
+reads the output in place of x from the output (memory="lean") and the bias in both policies. The
+unfused pair it replaces is the layer without activation, then an activation kernel that reads its
+input and writes its output (2|x|) forward, and backward reads the output's gradient and the tensor it
+saved and writes the input's gradient (3|x|). ``activation_traffic`` models both for one plan pair.
+
     python bench/traffic_model.py --emulated [--out bench/results/plan-h100-model.md]
+        [--activation-out bench/results/activation-traffic-h100-model.md]
 
 plans the benchmark's shapes with the emulated kernels (tests/emulation: the launchers' own planning
 on CPU tensors) on a modeled H100/H200: 132 SMs, and for each kernel pair the blocks per SM
@@ -68,6 +75,119 @@ def traffic(plan, shape, element_bytes, backward, acc_bytes=4):
     return {"x_bytes": x_bytes, "input_reads": reads_per_input, "workspace_bytes": workspace,
             "vector_bytes": vectors, "modeled_bytes": modeled, "floor_bytes": floor,
             "over_floor": modeled / floor}
+
+
+# --------------------------------------------------------------------------- fused activation
+ACTIVATION_PASSES = {"fwd": 2, "bwd": 3}  # tensors of x's size a separate activation kernel moves
+MEMORY_POLICIES = ("standard", "lean")
+ACTIVATION_TARGET = 0.55  # issue 22: a fused layer + activation moves at most this share of the pair
+
+
+def activation_traffic(forward_plan, backward_plan, shape, element_bytes, memory="standard", acc_bytes=4,
+                       param_bytes=4):
+    """Modeled DRAM bytes of a training step (forward + backward) of CmBN with the activation fused,
+    against the unfused pair: the layer under the same plans, then a separate activation kernel.
+
+    Fused, the forward moves what the plain layer moves (act is applied before the store) and the
+    backward too, plus the bias (act'(z) needs z): ``standard`` reads x, ``lean`` the output in its
+    place, the same bytes (lean saves memory kept for the backward, not traffic). The pair adds the
+    activation kernel's passes (ACTIVATION_PASSES). Returns {fused, unfused, ratio} per direction
+    ("fwd", "bwd") and for the step ("step"), bytes."""
+    if memory not in MEMORY_POLICIES:
+        raise ValueError(f"memory must be one of {MEMORY_POLICIES}, got {memory!r}")
+    layer = {"fwd": traffic(forward_plan, shape, element_bytes, False, acc_bytes),
+             "bwd": traffic(backward_plan, shape, element_bytes, True, acc_bytes)}
+    x_bytes = layer["fwd"]["x_bytes"]
+    bias_bytes = shape[1] * param_bytes
+    result = {}
+    for direction in ("fwd", "bwd"):
+        fused = layer[direction]["modeled_bytes"] + (bias_bytes if direction == "bwd" else 0)
+        unfused = layer[direction]["modeled_bytes"] + ACTIVATION_PASSES[direction] * x_bytes
+        result[direction] = {"fused": fused, "unfused": unfused, "ratio": fused / unfused}
+    fused = result["fwd"]["fused"] + result["bwd"]["fused"]
+    unfused = result["fwd"]["unfused"] + result["bwd"]["unfused"]
+    result["step"] = {"fused": fused, "unfused": unfused, "ratio": fused / unfused}
+    return result
+
+
+def closed_form_plan(path, channels):
+    """A plan of one launch per channel group, no split (the model then needs no planner)."""
+    return {"path": path, "grid": [channels, 1]}
+
+
+def activation_closed_form_markdown(shape=(8, 64, 56, 56), element_bytes=2):
+    """The ratios of each path, for a shape whose per-channel vectors are negligible beside x."""
+    lines = [f"Shape {tuple(shape)}, {element_bytes}-byte values; in parentheses the tensors of x's size each "
+             "moves, fused / unfused.", "",
+             "| path | fwd fused/unfused | bwd fused/unfused | step fused/unfused (bytes) | step ratio |",
+             "| --- | --- | --- | --- | --- |"]
+    # (tensors of x's size moved fused / unfused, forward and backward; "|" would split the cell)
+    for path, formula in (("single_read", "2/4 fwd, 3/6 bwd"), ("two_pass", "3/5 fwd, 5/8 bwd")):
+        plan = closed_form_plan(path, shape[1])
+        t = activation_traffic(plan, plan, shape, element_bytes)
+        lines.append(f"| {path} ({formula}) | {t['fwd']['ratio']:.3f} | {t['bwd']['ratio']:.3f} | "
+                     f"{t['step']['fused'] / 1e6:.2f} MB / {t['step']['unfused'] / 1e6:.2f} MB | "
+                     f"{t['step']['ratio']:.3f} |")
+    return lines
+
+
+def activation_markdown(rows):
+    """The fused-activation table over the plans of ``rows`` (collect_plans; auto and forced paths),
+    as markdown lines."""
+    settings = list(PATH_SETTINGS)
+    lines = ["| shape | dtype | " + " | ".join(f"{s} paths | {s} step ratio standard / lean"
+                                                for s in settings) + " | target met (auto) |",
+             "|" + " --- |" * (3 + 2 * len(settings))]
+    for row in rows:
+        shape = "(" + ", ".join(str(s) for s in row["shape"]) + ")"
+        if row.get("error"):
+            continue
+        cells = []
+        met = "-"
+        for setting in settings:
+            fwd, bwd = row["plans"].get(f"{setting}/fwd"), row["plans"].get(f"{setting}/bwd")
+            if not fwd or not bwd or "error" in fwd or "error" in bwd:
+                cells += ["error", "-"]
+                continue
+            element_bytes = fwd["traffic"]["x_bytes"] // _numel(row["shape"])
+            acc_bytes = 8 if row["dtype"].startswith("fp64") else 4
+            ratios = [activation_traffic(fwd, bwd, row["shape"], element_bytes, memory, acc_bytes)["step"]["ratio"]
+                      for memory in MEMORY_POLICIES]
+            cells += [f"{SHORT_PATH[fwd['path']]}/{SHORT_PATH[bwd['path']]}",
+                      " / ".join(f"{r:.3f}" for r in ratios)]
+            if setting == "auto":
+                met = "yes" if max(ratios) <= ACTIVATION_TARGET else "no"
+        lines.append(f"| {shape} | {row['dtype']} | " + " | ".join(cells) + f" | {met} |")
+    return lines
+
+
+def activation_document(rows, preamble=()):
+    """The whole fused-activation report (model) as text."""
+    lines = ["# Fused activation: modeled DRAM traffic of CmBN + activation against the unfused pair "
+             "(model)", "", *preamble,
+             "A **model**, not a measurement. A training step of one layer: forward and backward. "
+             "Fused: the op applies the activation before its store and differentiates it inside the "
+             "backward kernel, so it moves what the plain layer moves (the two-pass path reads x, and "
+             "grad_y, twice; the single-read path once), plus the bias in the backward. The unfused "
+             "pair: the same layer, then a separate activation kernel, which reads its input and writes "
+             "its output forward (+2|x|) and reads the output's gradient and its saved tensor and "
+             "writes the input's gradient backward (+3|x|). memory=\"lean\" reads the output in place "
+             "of x: the same bytes (it saves memory kept for the backward, not traffic). Issue 22's "
+             f"target: fused <= {ACTIVATION_TARGET} of the pair.", "",
+             "## Closed forms (|x| >> per-channel vectors)", ""]
+    lines += activation_closed_form_markdown()
+    lines += ["", "The single-read path meets the target (1/2); the two-pass path cannot (8/13 = 0.615): "
+              "its own second reads of x and grad_y are not the activation's to save.", "",
+              "## Per shape, with the planned paths (fwd/bwd: SR single_read, 2P two_pass)", ""]
+    lines += activation_markdown(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _numel(shape):
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel
 
 
 # ------------------------------------------------------------------------------------------- plans
@@ -283,6 +403,11 @@ def run_emulated(args):
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(text)
+    activation_text = activation_document(rows, preamble=[
+        f"Plans: those of {os.path.relpath(args.out, REPO)} (the launchers' planning on a modeled "
+        f"H100/H200, csrc/ sources sha256 {digest}).", ""])
+    with open(args.activation_out, "w") as f:
+        f.write(activation_text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"sms": args.sms, "blocks_per_sm": {" ".join(map(str, k)): v
@@ -303,6 +428,11 @@ def run_device(args):
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    activation_text = activation_document(rows)
+    print(activation_text)
+    if args.activation_out:
+        with open(args.activation_out, "w") as f:
+            f.write(activation_text)
     return 0
 
 
@@ -313,6 +443,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda", help="without --emulated: the device to plan for")
     parser.add_argument("--out", default=None,
                         help="markdown file (default with --emulated: bench/results/plan-h100-model.md)")
+    parser.add_argument("--activation-out", default=None,
+                        help="markdown file of the fused-activation traffic (default with --emulated: "
+                             "bench/results/activation-traffic-h100-model.md)")
     parser.add_argument("--sms", type=int, default=132, help="--emulated: SMs (132: H100/H200)")
     parser.add_argument("--sass", default=os.path.join(HERE, "results", "sass-sm90.json"),
                         help="--emulated: the SASS report whose modeled occupancy the planner sees")
@@ -325,6 +458,8 @@ def main(argv=None):
         return discover_instantiations(args)
     if args.emulated:
         args.out = args.out or os.path.join(HERE, "results", "plan-h100-model.md")
+        args.activation_out = args.activation_out or os.path.join(HERE, "results",
+                                                                  "activation-traffic-h100-model.md")
         return run_emulated(args)
     return run_device(args)
 

@@ -2,7 +2,9 @@
 // and a single-read one for the first:
 //   cmbn_backward:      the per-channel sums sum(dy) and sum(dy * (x - batch_mean)), then
 //                       dx = coef_dy * dy + coef_xc * (x - batch_mean) + const for either gradient,
-//                       grad_weight and grad_bias: on the single-read path in one launch that holds x
+//                       grad_weight and grad_bias, through the activation (dy * act'(z) in place of
+//                       dy; from the output, the normalized input in place of x - batch_mean):
+//                       on the single-read path in one launch that holds x
 //                       and dy in registers (cooperative when a channel spans several blocks); on the
 //                       two-pass path in one launch in the small regime, two otherwise (partial sums
 //                       into a workspace, then a pass that adds them in a fixed order and writes dx);
@@ -15,6 +17,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 
+#include "activation.h"
 #include "cmbn_cuda.h"
 #include "device_utils.cuh"
 #include "host_utils.h"
@@ -27,10 +30,17 @@ namespace {
 template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* grad_y;  // in x's layout
-  const scalar_t* x;
+  const scalar_t* x;      // the layer's input, or its output (from_output)
   scalar_t* grad_x;
   bool write_grad_x;      // false: the sums only (cmbn_backward_sums), grad_x unused
   AnyFloatVector weight;  // absent when affine=False
+  AnyFloatVector bias;    // read only through an activation (absent: zero)
+  // The forward's activation, and whether x is its output (memory="lean"); identity and false in the
+  // phase ops. Through an activation the two sums weigh g = dy * act'(z) instead of dy, and from the
+  // output they are sum(g) and sum(g * xhat) (xhat: the normalized input) instead of
+  // sum(g * (x - batch_mean)).
+  ActivationParams<acc_t> activation;
+  bool from_output;
   const acc_t* mean;      // (C,) statistics saved by the forward
   const acc_t* var;
   const acc_t* batch_mean;
@@ -56,7 +66,8 @@ struct GradCoefficients {
 };
 
 // reference.backward for channel c once its two sums over m values per channel are known; the split-0
-// block writes the parameter gradients.
+// block writes the parameter gradients. dx = coef_dy * g + coef_xc * c + constant, c being
+// x - batch_mean, or xhat from the output.
 template <typename scalar_t, typename acc_t>
 __device__ GradCoefficients<acc_t> grad_coefficients(const BackwardArgs<scalar_t, acc_t>& args,
                                                      int64_t c, const GradSums<acc_t>& sums,
@@ -66,7 +77,8 @@ __device__ GradCoefficients<acc_t> grad_coefficients(const BackwardArgs<scalar_t
   const acc_t w = load_any_float<acc_t>(args.weight, c, acc_t(1));
   // Pooled xhat = (x - mean) * invstd = ((x - batch_mean) + shift) * invstd.
   const acc_t shift = args.batch_mean[c] - args.mean[c];
-  const acc_t grad_weight = invstd * (sums.dy_xc + shift * sums.dy);  // sum(dy * xhat)
+  // sum(dy * xhat): from the output, the second sum itself.
+  const acc_t grad_weight = args.from_output ? sums.dy_xc : invstd * (sums.dy_xc + shift * sums.dy);
   if (write_parameter_grads) {
     args.grad_weight[c] = grad_weight;
     args.grad_bias[c] = sums.dy;
@@ -76,16 +88,59 @@ __device__ GradCoefficients<acc_t> grad_coefficients(const BackwardArgs<scalar_t
   if (args.exact) {
     // dx = invstd * (g - (b/m) sum(g) - xhat (b/m) sum(g * xhat))
     const acc_t b_over_m = args.current_weight[c] / m;
-    k.coef_xc = -k.coef_dy * invstd * b_over_m * grad_weight;
-    k.constant = -k.coef_dy * b_over_m * sums.dy + k.coef_xc * shift;
+    if (args.from_output) {  // coef_xc weighs xhat
+      k.coef_xc = -k.coef_dy * b_over_m * grad_weight;
+      k.constant = -k.coef_dy * b_over_m * sums.dy;
+    } else {
+      k.coef_xc = -k.coef_dy * invstd * b_over_m * grad_weight;
+      k.constant = -k.coef_dy * b_over_m * sums.dy + k.coef_xc * shift;
+    }
   } else {
     // dx = invstd * (g - sum(g)/m - xhat_b sum(g * xhat_b)/m), xhat_b = (x - batch_mean) * invstd_b
     const acc_t invstd_b_sq = acc_t(1) / (args.batch_var[c] + args.eps);
-    k.coef_xc = -k.coef_dy * invstd_b_sq * sums.dy_xc / m;
     k.constant = -k.coef_dy * sums.dy / m;
+    if (args.from_output) {
+      // x - batch_mean = xhat * sd - shift (sd = sqrt(var + eps)): its sum with g, and coef_xc
+      // carried over to xhat.
+      const acc_t sd = sqrt(args.var[c] + args.eps);
+      const acc_t coef_xc = -k.coef_dy * invstd_b_sq * (sd * sums.dy_xc - shift * sums.dy) / m;
+      k.coef_xc = coef_xc * sd;
+      k.constant -= coef_xc * shift;
+    } else {
+      k.coef_xc = -k.coef_dy * invstd_b_sq * sums.dy_xc / m;
+    }
   }
   return k;
 }
+
+// One value seen through the activation: g = dy * act'(z), and c, the value the second sum weighs g by:
+//   standard:    z = (x - mean) * scale + bias, the bits the forward computed; c = x - batch_mean;
+//   from_output: x is the output act(z): z = act^-1(x); c = xhat = (z - bias) / lean_weight(weight).
+// Each channel's (shift, scale, offset) = (mean, invstd * weight, bias), or (-, 1 / lean_weight(weight),
+// bias) from the output, lie in the block's shared memory and are read per value through volatile
+// pointers: the single-read kernels have no registers left to hold them for every channel of a thread
+// (a shared-memory read costs the memory-bound loop nothing).
+template <typename acc_t>
+struct ActivationTerms {
+  const volatile acc_t* shift;
+  const volatile acc_t* scale;
+  const volatile acc_t* offset;
+  ActivationParams<acc_t> activation;
+  bool from_output;
+
+  __device__ __forceinline__ void operator()(acc_t x, acc_t dy, acc_t batch_mean, int index, acc_t& g,
+                                             acc_t& c) const {
+    if (from_output) {
+      const acc_t z = invert_activation(x, activation.code, activation.param);
+      g = dy * activation_derivative_from_output(x, activation.code, activation.param);
+      c = (z - offset[index]) * scale[index];
+    } else {
+      const acc_t z = multiply_add(x - shift[index], scale[index], offset[index]);
+      g = dy * activation_derivative(z, activation.code, activation.param);
+      c = x - batch_mean;
+    }
+  }
+};
 
 // The block-level steps of a backward launch, shared by the two-pass and the single-read kernels (see
 // ForwardBlock).
@@ -97,12 +152,15 @@ struct BackwardBlock {
   static constexpr int kMaxTile = kRowLayout ? 32 * VEC : 1;
 
   // The block's shared memory: per-thread sums at [part * tile_width + channel in tile], then each
-  // channel's dx coefficients for the elementwise step.
+  // channel's dx coefficients for the elementwise step, and its activation terms (ActivationTerms).
   struct Shared {
     GradSums<acc_t> entries[kEntries];
     acc_t tile_coef_dy[kMaxTile];
     acc_t tile_coef_xc[kMaxTile];
     acc_t tile_constant[kMaxTile];
+    acc_t act_shift[kMaxTile];
+    acc_t act_scale[kMaxTile];
+    acc_t act_offset[kMaxTile];
   };
 
   const BackwardArgs<scalar_t, acc_t>& args;
@@ -113,6 +171,7 @@ struct BackwardBlock {
   int64_t group;  // blockIdx.x: the channel group
   int split;      // blockIdx.y: the block's share of it
   int64_t first_channel;
+  bool plain;               // no activation, and x is the input: dy and x - batch_mean as they are
   acc_t batch_mean[kAccs];  // of the thread's channel(s), subtracted from x
 
   __device__ BackwardBlock(const BackwardArgs<scalar_t, acc_t>& args_, Shared& shared_)
@@ -123,7 +182,8 @@ struct BackwardBlock {
         width(args_.geo.tile_width),
         group(blockIdx.x),
         split(static_cast<int>(blockIdx.y)),
-        first_channel(group * width) {
+        first_channel(group * width),
+        plain(args_.activation.code == kIdentity && !args_.from_output) {
 #pragma unroll
     for (int a = 0; a < kAccs; ++a) {
       const int64_t c = first_channel + (kRowLayout ? threadIdx.x * VEC + a : 0);
@@ -135,22 +195,65 @@ struct BackwardBlock {
     return grad_sums_add(a, b);
   }
 
+  // Where channel a of the thread has its entry in the tile arrays.
+  __device__ __forceinline__ static int tile_index(int a) {
+    return kRowLayout ? static_cast<int>(threadIdx.x) * VEC + a : 0;
+  }
+
+  __device__ __forceinline__ ActivationTerms<acc_t> terms() const {
+    return ActivationTerms<acc_t>{shared.act_shift, shared.act_scale, shared.act_offset, args.activation,
+                                  args.from_output};
+  }
+
+  // Each channel's activation terms into shared memory before any value is read: a uniform branch
+  // (the whole grid takes it or none), nothing at all without an activation.
+  __device__ void prepare_activation() {
+    if (plain) return;
+    const int64_t c = first_channel + thread;
+    if (thread < width && c < args.geo.channels) {
+      const acc_t w = load_any_float<acc_t>(args.weight, c, acc_t(1));
+      shared.act_offset[thread] = load_any_float<acc_t>(args.bias, c, acc_t(0));
+      if (args.from_output) {
+        shared.act_shift[thread] = acc_t(0);
+        shared.act_scale[thread] = acc_t(1) / lean_weight(w);
+      } else {  // the forward's scale: the same bits of z
+        shared.act_shift[thread] = args.mean[c];
+        shared.act_scale[thread] = reciprocal_sqrt(args.var[c] + args.eps) * w;
+      }
+    }
+    __syncthreads();
+  }
+
   // Adds one round of packs (the values `keep` keeps, where the layout masks them) to the sums.
   __device__ __forceinline__ void accumulate(GradSums<acc_t> (&sums)[kAccs],
                                              const Pack<scalar_t, VEC> (&x)[kUnroll],
                                              const Pack<scalar_t, VEC> (&dy)[kUnroll],
                                              const bool (&valid)[kUnroll],
                                              const uint32_t (&keep)[kUnroll]) const {
+    const ActivationTerms<acc_t> through = terms();
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (!valid[u]) continue;
+      if (plain) {
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        if (L == Layout::kPlanesMasked && !(keep[u] >> v & 1u)) continue;
-        const int a = kAccs == 1 ? 0 : v;
-        const acc_t g = to_acc<acc_t>(dy[u].v[v]);
-        sums[a].dy += g;
-        sums[a].dy_xc = multiply_add(g, to_acc<acc_t>(x[u].v[v]) - batch_mean[a], sums[a].dy_xc);
+        for (int v = 0; v < VEC; ++v) {
+          if (L == Layout::kPlanesMasked && !(keep[u] >> v & 1u)) continue;
+          const int a = kAccs == 1 ? 0 : v;
+          const acc_t g = to_acc<acc_t>(dy[u].v[v]);
+          sums[a].dy += g;
+          sums[a].dy_xc = multiply_add(g, to_acc<acc_t>(x[u].v[v]) - batch_mean[a], sums[a].dy_xc);
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          if (L == Layout::kPlanesMasked && !(keep[u] >> v & 1u)) continue;
+          const int a = kAccs == 1 ? 0 : v;
+          acc_t g;
+          acc_t c;
+          through(to_acc<acc_t>(x[u].v[v]), to_acc<acc_t>(dy[u].v[v]), batch_mean[a], tile_index(a), g, c);
+          sums[a].dy += g;
+          sums[a].dy_xc = multiply_add(g, c, sums[a].dy_xc);
+        }
       }
     }
   }
@@ -215,17 +318,21 @@ struct BackwardBlock {
   }
 };
 
-// dx = coef_dy * dy + (coef_xc * (x - batch_mean) + constant) for each channel of the thread: one pack.
+// dx = coef_dy * dy + (coef_xc * (x - batch_mean) + constant) for each channel of the thread: one pack;
+// through an activation g and c (ActivationTerms) in place of dy and x - batch_mean, a uniform branch
+// per pack.
 template <typename scalar_t, typename acc_t, int VEC, bool ROWS, int ACCS = ROWS ? VEC : 1>
 struct GradInput {
   acc_t coef_dy[ACCS];
   acc_t coef_xc[ACCS];
   acc_t constant[ACCS];
   acc_t batch_mean[ACCS];
+  bool plain;
+  ActivationTerms<acc_t> through;
 
   // The thread's channels' coefficients from the tile arrays (after finalize and a barrier).
   template <typename Block>
-  __device__ explicit GradInput(const Block& block) {
+  __device__ explicit GradInput(const Block& block) : plain(block.plain), through(block.terms()) {
 #pragma unroll
     for (int a = 0; a < ACCS; ++a) {
       const int index = ROWS ? threadIdx.x * VEC + a : 0;  // kRows: the thread's channels
@@ -240,12 +347,24 @@ struct GradInput {
   __device__ __forceinline__ Pack<scalar_t, VEC> operator()(const Pack<scalar_t, VEC>& x,
                                                             const Pack<scalar_t, VEC>& dy) const {
     Pack<scalar_t, VEC> out;
+    if (plain) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const int a = ACCS == 1 ? 0 : v;
-      const acc_t centered = to_acc<acc_t>(x.v[v]) - batch_mean[a];
-      out.v[v] = static_cast<scalar_t>(multiply_add(
-          coef_dy[a], to_acc<acc_t>(dy.v[v]), multiply_add(coef_xc[a], centered, constant[a])));
+      for (int v = 0; v < VEC; ++v) {
+        const int a = ACCS == 1 ? 0 : v;
+        const acc_t centered = to_acc<acc_t>(x.v[v]) - batch_mean[a];
+        out.v[v] = static_cast<scalar_t>(multiply_add(
+            coef_dy[a], to_acc<acc_t>(dy.v[v]), multiply_add(coef_xc[a], centered, constant[a])));
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const int a = ACCS == 1 ? 0 : v;
+        acc_t g;
+        acc_t c;
+        through(to_acc<acc_t>(x.v[v]), to_acc<acc_t>(dy.v[v]), batch_mean[a],
+                ROWS ? static_cast<int>(threadIdx.x) * VEC + a : 0, g, c);
+        out.v[v] = static_cast<scalar_t>(multiply_add(coef_dy[a], g, multiply_add(coef_xc[a], c, constant[a])));
+      }
     }
     return out;
   }
@@ -262,6 +381,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const Geometry& geo = args.geo;
   const int64_t group = block.group;
   const int split = block.split;
+  block.prepare_activation();
   int64_t offset[kUnroll];
   bool valid[kUnroll];
 
@@ -296,8 +416,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (!args.write_grad_x) return;  // the sums only (the same for every thread of the grid)
   __syncthreads();
 
-  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(block);
+  // The walker first: its start (on planes, 64-bit divisions, calls) then has fewer values live.
   Walker<L, VEC> walker(geo, group, split, /*reversed=*/true);
+  const GradInput<scalar_t, acc_t, VEC, Block::kRowLayout> grad_input(block);
   while (walker.next(offset, valid)) {
     Pack<scalar_t, VEC> x_pack[kUnroll];
     Pack<scalar_t, VEC> dy_pack[kUnroll];
@@ -352,6 +473,7 @@ __global__ void __launch_bounds__(kBlockThreads, kHeldBlocksPerSM)
       }
     }
   }
+  block.prepare_activation();  // while the loads are in flight
   GradSums<acc_t> sums[Block::kAccs];
 #pragma unroll
   for (int a = 0; a < Block::kAccs; ++a) sums[a] = GradSums<acc_t>{acc_t(0), acc_t(0)};
@@ -525,13 +647,17 @@ void set_saved_args(BackwardArgs<scalar_t, acc_t>& args, const SavedStatistics& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad) {
+    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad,
+    const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
+    bool from_output) {
   const char* op = "cmbn_backward";
   check_input(op, x, "x");
   check_grad_y(op, grad_y, x);
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
               x.scalar_type(), "), got ", grad_y.scalar_type());
   check_per_channel(op, weight, "weight", x, false);
+  check_per_channel(op, bias, "bias", x, false);
+  check_activation(op, activation, activation_param, from_output);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
@@ -547,6 +673,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
     const WorkTensors work = work_tensors(x, grad_x);
     const at::Tensor grad_y_work = with_layout_of(grad_y, work.out);
     const at::Tensor weight_c = contiguous_or_undefined(weight);
+    const at::Tensor bias_c = contiguous_or_undefined(bias);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_cuda", [&] {
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
@@ -556,6 +683,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
       args.grad_x = work.out.mutable_data_ptr<scalar_t>();
       args.write_grad_x = true;
       args.weight = any_float_vector(weight_c);
+      args.bias = any_float_vector(bias_c);
+      args.activation = activation_params<acc_t>(activation, activation_param);
+      args.from_output = from_output;
       set_saved_args(args, saved, eps, exact_grad);
       args.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
       args.grad_bias = grad_bias.mutable_data_ptr<acc_t>();

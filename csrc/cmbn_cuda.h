@@ -11,12 +11,13 @@
 
 namespace cmbn {
 
-// cmbn_ext::cmbn_forward: (y, mean, var, batch_mean, batch_var, b).
+// cmbn_ext::cmbn_forward: (y, mean, var, batch_mean, batch_var, b); y = act(normalized x).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_forward_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& history_count,
     const at::Tensor& history_mean, const at::Tensor& history_var, double eps,
-    std::optional<double> ema_momentum, bool exact_grad);
+    std::optional<double> ema_momentum, bool exact_grad, int64_t activation,
+    double activation_param);
 
 // cmbn_ext::cmbn_batch_stats: (batch_mean, batch_var).
 std::tuple<at::Tensor, at::Tensor> cmbn_batch_stats_cuda(const at::Tensor& x);
@@ -28,11 +29,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_c
     const at::Tensor& batch_var, const at::Tensor& history_count, const at::Tensor& history_mean,
     const at::Tensor& history_var, double eps, std::optional<double> ema_momentum);
 
-// cmbn_ext::cmbn_backward: (grad_x, grad_weight, grad_bias).
+// cmbn_ext::cmbn_backward: (grad_x, grad_weight, grad_bias). grad_y is the activation output's
+// gradient; from_output: x is the layer's output (an invertible activation), from which the kernels
+// recover the normalized input with bias and weight.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& batch_mean,
-    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad);
+    const at::Tensor& batch_var, const at::Tensor& b, double eps, bool exact_grad,
+    const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
+    bool from_output);
 
 // cmbn_ext::cmbn_backward_sums: (sum_dy, sum_dy_xc).
 std::tuple<at::Tensor, at::Tensor> cmbn_backward_sums_cuda(const at::Tensor& grad_y,
@@ -72,7 +77,7 @@ void cmbn_update_state_host_count_cuda(
     bool every_micro_batch);
 
 // cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics (deferred mode
-// normalizes with no history).
+// normalizes with no history). keep_output matters to autograd alone.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, at::Tensor& window_count,
@@ -82,7 +87,8 @@ cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& we
                         const std::optional<at::Tensor>& num_batches_tracked, double eps,
                         std::optional<double> ema_momentum, bool exact_grad,
                         std::string_view layer_mode, std::optional<int64_t> window,
-                        std::optional<double> momentum, bool every_micro_batch);
+                        std::optional<double> momentum, bool every_micro_batch, int64_t activation,
+                        double activation_param, bool keep_output);
 
 // What cmbn_forward / cmbn_backward launch for x (the same planning code as their launchers).
 LaunchPlan cmbn_forward_plan(const at::Tensor& x);

@@ -1,6 +1,7 @@
 // The CmBN forward family, a two-pass kernel for all three ops and a single-read one for the first:
 //   cmbn_forward:        per-channel Welford statistics of the micro-batch, the pooling with the history
-//                        (SPEC section 2) and the normalization: on the single-read path in one launch
+//                        (SPEC section 2), the normalization and the activation (applied in the
+//                        statistics' dtype before the store): on the single-read path in one launch
 //                        that holds x in registers (cooperative, with a grid barrier, when a channel
 //                        spans several blocks); on the two-pass path in one launch (small regime) or two
 //                        (a partial reduction into a workspace, then a pass that merges it in a fixed
@@ -15,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
 
+#include "activation.h"
 #include "cmbn_cuda.h"
 #include "device_utils.cuh"
 #include "host_utils.h"
@@ -29,6 +31,7 @@ struct ForwardArgs {
   const scalar_t* x;
   scalar_t* y;
   bool normalize;  // false: statistics only (cmbn_batch_stats), y unused
+  ActivationParams<acc_t> activation;  // applied to y before the store (identity in the phase ops)
   AnyFloatVector weight;  // absent when affine=False
   AnyFloatVector bias;
   const int64_t* history_count;  // (S, C) contiguous
@@ -244,12 +247,14 @@ struct ForwardBlock {
   }
 };
 
-// y = (x - mean) * (invstd * weight) + bias for each channel of the thread, in x's dtype: one pack.
+// y = act((x - mean) * (invstd * weight) + bias) for each channel of the thread, in x's dtype: one
+// pack. The activation is one uniform branch per pack; the identity's is the plain normalization.
 template <typename scalar_t, typename acc_t, int VEC, bool ROWS, int ACCS = ROWS ? VEC : 1>
 struct Normalizer {
   acc_t mean[ACCS];
   acc_t scale[ACCS];
   acc_t bias[ACCS];
+  ActivationParams<acc_t> activation;
 
   // The thread's channels' coefficients from the tile arrays (after finalize and a barrier).
   template <typename Block>
@@ -257,6 +262,7 @@ struct Normalizer {
     const auto& tile_mean = block.shared.tile_mean;
     const auto& tile_scale = block.shared.tile_scale;
     const auto& tile_bias = block.shared.tile_bias;
+    activation = block.args.activation;
 #pragma unroll
     for (int a = 0; a < ACCS; ++a) {
       const int index = ROWS ? threadIdx.x * VEC + a : 0;  // kRows: the thread's channels
@@ -269,10 +275,19 @@ struct Normalizer {
 
   __device__ __forceinline__ Pack<scalar_t, VEC> operator()(const Pack<scalar_t, VEC>& pack) const {
     Pack<scalar_t, VEC> out;
+    if (activation.code == kIdentity) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const int a = ACCS == 1 ? 0 : v;
-      out.v[v] = static_cast<scalar_t>(multiply_add(to_acc<acc_t>(pack.v[v]) - mean[a], scale[a], bias[a]));
+      for (int v = 0; v < VEC; ++v) {
+        const int a = ACCS == 1 ? 0 : v;
+        out.v[v] = static_cast<scalar_t>(multiply_add(to_acc<acc_t>(pack.v[v]) - mean[a], scale[a], bias[a]));
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const int a = ACCS == 1 ? 0 : v;
+        const acc_t z = multiply_add(to_acc<acc_t>(pack.v[v]) - mean[a], scale[a], bias[a]);
+        out.v[v] = static_cast<scalar_t>(activate(z, activation.code, activation.param));
+      }
     }
     return out;
   }
@@ -548,10 +563,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& history_count,
     const at::Tensor& history_mean, const at::Tensor& history_var, double eps,
-    std::optional<double> ema_momentum, bool exact_grad) {
+    std::optional<double> ema_momentum, bool exact_grad, int64_t activation,
+    double activation_param) {
   (void)exact_grad;  // the forward is the same for both gradients
   const char* op = "cmbn_forward";
   check_input(op, x, "x");
+  check_activation(op, activation, activation_param);
   check_per_channel(op, weight, "weight", x, false);
   check_per_channel(op, bias, "bias", x, false);
   check_history(op, x, history_count, history_mean, history_var);
@@ -579,6 +596,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     args.x = work.x.const_data_ptr<scalar_t>();
     args.y = work.out.mutable_data_ptr<scalar_t>();
     args.normalize = true;
+    args.activation = activation_params<acc_t>(activation, activation_param);
     set_pooling_args(args, in, eps, ema_momentum);
     args.mean = mean.mutable_data_ptr<acc_t>();
     args.var = var.mutable_data_ptr<acc_t>();

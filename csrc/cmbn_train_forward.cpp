@@ -13,12 +13,14 @@ cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& we
                         const std::optional<at::Tensor>& num_batches_tracked, double eps,
                         std::optional<double> ema_momentum, bool exact_grad,
                         std::string_view layer_mode, std::optional<int64_t> window,
-                        std::optional<double> momentum, bool every_micro_batch) {
+                        std::optional<double> momentum, bool every_micro_batch, int64_t activation,
+                        double activation_param, bool keep_output) {
+  (void)keep_output;  // which tensor autograd saves for the backward: the op computes the same
   // Deferred mode normalizes each micro-batch alone: its window is for the running statistics only.
   const int64_t slots = layer_mode == "deferred" ? 0 : window_count.size(0);
   auto outputs = cmbn_forward_cuda(x, weight, bias, window_count.narrow(0, 0, slots),
                                    window_mean.narrow(0, 0, slots), window_var.narrow(0, 0, slots),
-                                   eps, ema_momentum, exact_grad);
+                                   eps, ema_momentum, exact_grad, activation, activation_param);
   const int64_t channels = x.dim() >= 2 ? x.size(1) : 0;
   const int64_t m = channels ? x.numel() / channels : 0;
   if (m > 0) {  // an empty micro-batch leaves the state as it is

@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "activation.h"
 #include "kernel_types.h"
 
 namespace cmbn {
@@ -129,6 +130,25 @@ inline void check_per_channel(const char* op, const std::optional<at::Tensor>& t
               " must have shape (C,) = (", x.size(1), ",), got ", t->sizes());
 }
 
+// The activation arguments of a fused op (cmbn_ext/activations.py's codes): a known code, and
+// from_output (the backward reads the layer's output) only for an activation the output determines
+// the input of. ValueError, as the reference raises.
+inline void check_activation(const char* op, int64_t activation, double activation_param,
+                             bool from_output = false) {
+  TORCH_CHECK_VALUE(activation >= 0 && activation < kActivationCount, op,
+                    ": activation must be a code from 0 to ", kActivationCount - 1,
+                    " (cmbn_ext.activations), got ", activation);
+  TORCH_CHECK_VALUE(!from_output || activation_invertible(activation, activation_param), op,
+                    ": from_output needs an invertible activation (identity, leaky_relu with a "
+                    "positive slope, elu with a positive alpha), got activation ", activation,
+                    " with activation_param ", activation_param);
+}
+
+template <typename acc_t>
+ActivationParams<acc_t> activation_params(int64_t activation, double activation_param) {
+  return ActivationParams<acc_t>{static_cast<int>(activation), static_cast<acc_t>(activation_param)};
+}
+
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
@@ -233,6 +253,11 @@ inline Geometry make_geometry(const LayoutInfo& info, int vec, int element_size,
     const int64_t stride = static_cast<int64_t>(geo.splits) * kBlockThreads;
     geo.step_outer = stride / geo.inner_packs;
     geo.step_inner = stride % geo.inner_packs;
+  }
+  if (info.layout == Layout::kRows && info.outer > 0) {
+    const int64_t stride = static_cast<int64_t>(geo.splits) * geo.rows_per_block;
+    geo.last_row_steps = (info.outer - 1) / stride;
+    geo.last_row_remainder = (info.outer - 1) % stride;
   }
   return geo;
 }

@@ -46,6 +46,8 @@ struct Geometry {
   int64_t channel_groups;      // gridDim.x: kPlanes one channel per group, kRows one tile of channels
   int64_t step_outer;          // kPlanes: one thread's stride (splits * kBlockThreads packs) as
   int64_t step_inner;          //          whole planes plus packs, so the walk needs no division
+  int64_t last_row_steps;      // kRows: (outer - 1) / (splits * rows_per_block) and its remainder,
+  int64_t last_row_remainder;  //        so a reversed walk finds a thread's last row without one
   int splits;                  // gridDim.y: blocks that share one channel group
   int lanes;                   // kRows: blockDim.x, threads across channels; kPlanes: kBlockThreads
   int rows_per_block;          // kRows: blockDim.y; kPlanes: 1
@@ -83,6 +85,16 @@ enum class FloatKind : int { kAbsent, kHalf, kBFloat16, kFloat, kDouble };
 struct AnyFloatVector {
   const void* data;
   FloatKind kind;
+};
+
+// The activation a fused op applies after the normalization (activation.h's code) and its parameter,
+// as the kernels take it: a run-time value they test with a uniform branch per pack (the identity
+// runs the code it ran before activations existed), never a template parameter, so the number of
+// instantiations does not grow with the activations.
+template <typename acc_t>
+struct ActivationParams {
+  int code;  // 32 bits: one register less to keep live across the division slow paths
+  acc_t param;
 };
 
 // The same for a vector the kernel writes (the layer's buffers).

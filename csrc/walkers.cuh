@@ -155,7 +155,6 @@ struct Walker<Layout::kPlanesMasked, VEC> {
 template <int VEC>
 struct Walker<Layout::kRows, VEC> {
   int64_t row;
-  int64_t first_row;
   int64_t rows;
   int64_t stride;
   int64_t channels;
@@ -165,26 +164,31 @@ struct Walker<Layout::kRows, VEC> {
 
   __device__ Walker(const Geometry& geo, int64_t group, int split, bool reversed = false)
       : row(static_cast<int64_t>(split) * geo.rows_per_block + threadIdx.y),
-        first_row(row),
         rows(geo.outer),
         stride(static_cast<int64_t>(geo.splits) * geo.rows_per_block),
         channels(geo.channels),
         first_channel(group * geo.tile_width + static_cast<int64_t>(threadIdx.x) * VEC),
         active(first_channel < geo.channels),
         reverse(reversed) {
-    if (reversed && row < rows) row += (rows - 1 - row) / stride * stride;  // the thread's last row
+    // The thread's last row. Its first lies within the first stride, so the last is last_row_steps
+    // strides on, or one fewer past the remainder: no 64-bit division (a call) in the kernel.
+    if (reversed && row < rows) {
+      row += (row <= geo.last_row_remainder ? geo.last_row_steps : geo.last_row_steps - 1) * stride;
+    }
   }
 
   __device__ __forceinline__ bool next(int64_t (&offset)[kUnroll], bool (&valid)[kUnroll]) {
-    if (!active || row >= rows || row < first_row) return false;
+    // The thread's rows are its first (below stride) plus whole strides: a reversed walk is past its
+    // first row once below zero, so the first row need not be kept (a register less in every loop).
+    if (!active || row >= rows || row < 0) return false;
+    // One step added per pack: no multiples of it to keep live across the loop.
     const int64_t step = reverse ? -stride : stride;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t r = row + u * step;
-      valid[u] = r < rows && r >= first_row;
-      offset[u] = r * channels + first_channel;
+      valid[u] = row < rows && row >= 0;
+      offset[u] = row * channels + first_channel;
+      row += step;
     }
-    row += kUnroll * step;
     return true;
   }
 

@@ -449,6 +449,43 @@ def test_traffic_model_workspace():
     assert double["workspace_bytes"] == 2 * 32 * 8 * (8 + 8 + 8)
 
 
+def test_activation_traffic_closed_forms():
+    """Fused CmBN + activation against the layer then a separate activation kernel (+2|x| forward,
+    +3|x| backward): 1/2 on the single-read path, 8/13 on the two-pass path, the same for both memory
+    policies; the fused backward reads the bias on top of the layer's vectors."""
+    shape = (8, 32, 512, 512)
+    x = 2 ** 26 * 2
+    single, double = _plan("single_read", 1), _plan("two_pass", 1)
+    for memory in ("standard", "lean"):
+        one = traffic_model.activation_traffic(single, single, shape, 2, memory)
+        two = traffic_model.activation_traffic(double, double, shape, 2, memory)
+        assert one["step"]["ratio"] == pytest.approx(0.5, rel=1e-4)
+        assert two["fwd"]["ratio"] == pytest.approx(3 / 5, rel=1e-4)
+        assert two["bwd"]["ratio"] == pytest.approx(5 / 8, rel=1e-4)
+        assert two["step"]["ratio"] == pytest.approx(8 / 13, rel=1e-4)
+        layer_fwd = traffic_model.traffic(single, shape, 2, backward=False)["modeled_bytes"]
+        layer_bwd = traffic_model.traffic(single, shape, 2, backward=True)["modeled_bytes"]
+        assert one["fwd"] == {"fused": layer_fwd, "unfused": layer_fwd + 2 * x,
+                              "ratio": layer_fwd / (layer_fwd + 2 * x)}
+        assert one["bwd"]["fused"] == layer_bwd + 32 * 4 and one["bwd"]["unfused"] == layer_bwd + 3 * x
+    with pytest.raises(ValueError, match="memory"):
+        traffic_model.activation_traffic(single, single, shape, 2, "tiny")
+
+
+def test_activation_table_from_stand_in_plans():
+    rows = [{"shape": [4, 16, 64, 64], "dtype": "fp32", "plans": {}}]
+    for setting in traffic_model.PATH_SETTINGS:
+        path = "two_pass" if setting == "two_pass" else "single_read"
+        for direction, backward in (("fwd", False), ("bwd", True)):
+            plan = _plan(path, 1)
+            plan["traffic"] = traffic_model.traffic(plan, rows[0]["shape"], 4, backward)
+            rows[0]["plans"][f"{setting}/{direction}"] = plan
+    text = traffic_model.activation_document(rows)
+    assert "**model**" in text and "| single_read (2/4 fwd, 3/6 bwd) | 0.500 | 0.500 |" in text
+    assert "| (4, 16, 64, 64) | fp32 | SR/SR | 0.500 / 0.500 | 2P/2P | 0.615 / 0.615 | SR/SR |" in text
+    assert text.splitlines()[-1].endswith("| yes |")
+
+
 def test_plan_table_from_stand_in_plans():
     """collect_plans sets CMBN_KERNEL_PATH around each plan and restores it; the table shows each
     setting's path, launches and modeled bytes over the floor."""
