@@ -1,0 +1,185 @@
+"""``convert_batchnorm(..., fuse_activation=True, memory=...)`` on nn.Sequential neighbours, timm's
+cspdarknet53, an ultralytics YOLOv8n and mmcv's ConvModule: what is fused (``fused_activations``), the
+state dict keys, the same function as the BatchNorm model (window=1), and ``revert_to_batchnorm``
+putting the activation modules back. And one ``torch.compile(fullgraph=True)`` of a fused layer.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cmbn_ext
+from cmbn_ext import FusedActivation
+
+
+def tensors(output):
+    """The tensors of a model's output (nested lists, tuples and dicts), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.values() if isinstance(output, dict) else output
+    return [t for item in items for t in tensors(item)]
+
+
+def train_step(model, x, seed=0):
+    """Outputs and the parameters' gradients of one training forward and backward (a random linear
+    function of every output)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    outputs = tensors(model(x))
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, dtype=o.dtype, generator=generator)).sum() for o in outputs)
+    loss.backward()
+    return [o.detach() for o in outputs] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same_function(model, reference, x, rtol=1e-9, atol=1e-10):
+    got, expected = train_step(model, x), train_step(reference, x)
+    assert len(got) == len(expected)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"item {index}: {m}")
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.1, inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.GELU(),
+        nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4),
+    ).double()
+
+
+@pytest.mark.parametrize("memory", ["standard", "lean"])
+def test_sequential_neighbours(memory):
+    original = small_net()
+    unfused = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1)
+    fused = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1, fuse_activation=True, memory=memory)
+    assert cmbn_ext.fused_activations(fused) == {"1": "leaky_relu", "7": "silu"}
+    assert cmbn_ext.fused_activations(unfused) == {}
+    assert [type(fused[i]) for i in (2, 5, 8)] == [FusedActivation, nn.GELU, FusedActivation]
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    assert {fused[i].memory for i in (1, 4, 7, 10)} == {memory}
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert_same_function(fused, original, x)
+    original_act = original[2]
+    reverted = cmbn_ext.revert_to_batchnorm(fused)
+    assert [type(m) for m in reverted] == [type(m) for m in original]
+    assert reverted[2].negative_slope == 0.1 and reverted[2].inplace
+    assert not any(isinstance(m, FusedActivation) for m in reverted.modules())
+    reverted.eval(), original.eval()
+    torch.testing.assert_close(reverted(x), original(x))
+    del original_act
+
+
+def test_what_stays_unfused():
+    """A BatchNorm used twice, a Sequential subclass with a forward of its own and an activation
+    subclass stay unfused; a layer followed by an unfused in-place module keeps its input when lean."""
+    shared = nn.BatchNorm2d(4)
+
+    class Custom(nn.Sequential):
+        def forward(self, x):
+            return self[1](x) + self[0](x)
+
+    class MyReLU(nn.ReLU):
+        pass
+
+    model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared, nn.Identity()),
+                          Custom(nn.BatchNorm2d(4), nn.ReLU()), nn.Sequential(nn.BatchNorm2d(4), MyReLU()),
+                          nn.Sequential(nn.BatchNorm2d(4), nn.ReLU6(inplace=True)),
+                          nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(inplace=True)))
+    cmbn_ext.convert_batchnorm(model, fuse_activation=True, memory="lean")
+    assert cmbn_ext.fused_activations(model) == {"5.0": "relu"}
+    assert model[0][0] is model[1][0] and model[0][0].memory == "lean"
+    assert model[4][0].memory == "standard" and model[3][0].memory == "lean"
+    x = torch.randn(2, 4, 3, 3)
+    for block in model:
+        block(x).sum().backward()  # the in-place ReLU6 after a lean layer would fail the backward
+
+
+def test_lean_without_fusing_keeps_the_input_before_an_in_place_activation():
+    model = cmbn_ext.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
+                                       memory="lean")
+    assert model[0].memory == "standard" and type(model[1]) is nn.ReLU
+    model(torch.randn(2, 4, 3, 3)).sum().backward()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="memory must be one of"):
+        cmbn_ext.convert_batchnorm(nn.Sequential(), memory="lite")
+    with pytest.raises(TypeError, match="fuse_activation"):
+        cmbn_ext.convert_batchnorm(nn.Sequential(), activation="relu")
+
+
+def test_timm_cspdarknet53():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    original = timm.create_model("cspdarknet53", num_classes=10).double()
+    keys = list(cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1).state_dict())
+    fused = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1, fuse_activation=True, memory="lean")
+    found = cmbn_ext.fused_activations(fused)
+    assert len(found) == 67 and set(found.values()) == {"leaky_relu"}
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_same_function(fused, original, x, rtol=1e-7, atol=1e-9)
+    not_fused = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1)
+    assert cmbn_ext.fused_activations(not_fused) == {}
+    reverted = cmbn_ext.revert_to_batchnorm(fused)
+    assert [type(m) for m in reverted.modules()] == [type(m) for m in original.modules()]
+    reverted.eval(), original.eval()
+    torch.testing.assert_close(reverted(x), original(x))
+
+
+def test_ultralytics_yolov8n():
+    tasks = pytest.importorskip("ultralytics.nn.tasks")
+    from ultralytics.nn.modules.conv import Conv
+    torch.manual_seed(0)
+    original = tasks.DetectionModel("yolov8n.yaml", verbose=False).double()
+    convs = [name for name, m in original.named_modules() if type(m) is Conv and type(m.act) is nn.SiLU]
+    keys = list(cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1).state_dict())
+    fused = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1, fuse_activation=True, memory="lean")
+    assert cmbn_ext.fused_activations(fused) == {f"{name}.bn": "silu" for name in convs} and len(convs) > 50
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_same_function(fused, original, x, rtol=1e-7, atol=1e-9)
+    reverted = cmbn_ext.revert_to_batchnorm(fused)
+    assert all(type(m.act) is nn.SiLU and type(m.bn) is nn.BatchNorm2d
+               for m in reverted.modules() if type(m) is Conv)
+    reverted.eval(), original.eval()
+    expected = original(x)[0]
+    torch.testing.assert_close(reverted(x)[0], expected)
+    torch.testing.assert_close(reverted.fuse(verbose=False)(x)[0], expected)  # ultralytics' own fusion
+
+
+def test_mmcv_conv_module():
+    cnn = pytest.importorskip("mmcv.cnn")
+    torch.manual_seed(0)
+
+    def build(**kwargs):
+        return cnn.ConvModule(3, 8, 3, norm_cfg=dict(type="BN"), **kwargs).double()
+
+    original = build(act_cfg=dict(type="LeakyReLU", negative_slope=0.1))
+    fused = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1, fuse_activation=True, memory="lean")
+    assert cmbn_ext.fused_activations(fused) == {"bn": "leaky_relu"}
+    assert type(fused.activate) is FusedActivation
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert_same_function(fused, original, x)
+    reverted = cmbn_ext.revert_to_batchnorm(fused)
+    assert type(reverted.activate) is nn.LeakyReLU and type(reverted.bn) is nn.BatchNorm2d
+    # norm after the activation, or an eval path that skips the norm: left unfused
+    for unfused in (build(order=("conv", "act", "norm")), build(efficient_conv_bn_eval=True),
+                    build(act_cfg=dict(type="GELU"))):
+        cmbn_ext.convert_batchnorm(unfused, fuse_activation=True)
+        assert cmbn_ext.fused_activations(unfused) == {}
+
+
+def test_compile_fullgraph_matches_eager():
+    model = cmbn_ext.convert_batchnorm(small_net().float(), window=2, fuse_activation=True, memory="lean")
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for index in range(3):
+        x = torch.randn(2, 3, 6, 6) * (index + 1)
+        got, expected = train_step(compiled, x, index), train_step(model, x, index)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(compiled_model.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
