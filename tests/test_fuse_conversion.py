@@ -183,3 +183,20 @@ def test_compile_fullgraph_matches_eager():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(compiled_model.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_memory_page_snippet_runs(tmp_path):
+    """docs/memory.md's ```python block runs as written, in a fresh interpreter."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "memory.md")) as f:
+        [code] = re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M)
+    (tmp_path / "snippet.py").write_text(code)
+    environment = dict(os.environ, PYTHONPATH=root)
+    result = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "{'1': 'leaky_relu', '4': 'silu'}" in result.stdout
