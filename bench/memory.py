@@ -232,7 +232,8 @@ def markdown(results):
               f"| variant | MB kept at micro-batch {y['micro_batch']} | ratio | with the saved weights "
               f"(ratio) | largest micro-batch under the budget |", "|---|---|---|---|---|",
               f"| BatchNorm + SiLU | {megabytes(y['batchnorm']['bytes'])} | 1 | "
-              f"{megabytes(y['batchnorm']['with_parameters'])} (1) | {y['batchnorm']['largest_micro_batch']} |",
+              f"{megabytes(y['batchnorm']['with_parameters'])} (1) | "
+              f"{y['batchnorm']['largest_micro_batch']} |",
               f"| CmBN lean ({y['lean']['fused']} SiLU fused) | {megabytes(y['lean']['bytes'])} | "
               f"{y['lean']['ratio']:.3f} | {megabytes(y['lean']['with_parameters'])} "
               f"({y['lean']['ratio_with_parameters']:.3f}) | {y['lean']['largest_micro_batch']} |", "",
@@ -242,10 +243,11 @@ def markdown(results):
 
 
 METHOD = ("Bytes: the distinct storages that autograd saves during one training forward "
-          "(torch.autograd.graph.saved_tensors_hooks), parameters left out unless said; a tensor kept by two "
-          "operations counts once. The BatchNorm models run their activation in place where torch "
-          "offers it. SiLU, Mish and Hardswish are not invertible: their lean layers keep the input, as "
-          "standard does, and save by computing the activation in the op (one tensor per block fewer). "
+          "(torch.autograd.graph.saved_tensors_hooks), parameters left out unless said; a tensor "
+          "kept by two operations counts once. The BatchNorm models run their activation in place where "
+          "torch offers it. SiLU, Mish and Hardswish are not invertible: their lean layers keep the "
+          "input, as standard does, and save by computing the activation in the op (one tensor per "
+          "block fewer). "
           "Window 1; the bytes do not depend on the window, the mode or the device.")
 
 

@@ -337,6 +337,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
         """LeakyReLU's negative slope or ELU's alpha (0.0 for the other activations)."""
         return self._activation[1]
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_activation" not in self.__dict__:  # a layer pickled before activations existed
+            self._memory, self._lean_check, self._activation_slot = "standard", _LeanCheck(), False
+            self._set_activation(activations.IDENTITY, 0.0)
+
     def _refresh_activation(self):
         """Derive the per-call flags again after an option changed."""
         self._set_activation(*self._activation, self._activation_module)

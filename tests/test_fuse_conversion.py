@@ -200,3 +200,25 @@ def test_the_memory_page_snippet_runs(tmp_path):
                             timeout=120, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "{'1': 'leaky_relu', '4': 'silu'}" in result.stdout
+
+
+def test_a_fused_model_pickles_and_reverts_after_loading(tmp_path):
+    model = cmbn_ext.convert_batchnorm(small_net(), window=1, fuse_activation=True, memory="lean")
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert cmbn_ext.fused_activations(loaded) == cmbn_ext.fused_activations(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert_same_function(loaded, model, x, rtol=0, atol=0)
+    reverted = cmbn_ext.revert_to_batchnorm(loaded)
+    assert type(reverted[2]) is nn.LeakyReLU and type(reverted[8]) is nn.SiLU
+
+
+def test_a_layer_pickled_before_activations_loads_without_one():
+    layer = cmbn_ext.CrossMiniBatchNorm2d(4)
+    state = layer.__dict__.copy()
+    for name in ("_activation", "_activation_module", "_lean", "_memory", "_lean_check", "_activation_slot"):
+        del state[name]
+    old = cmbn_ext.CrossMiniBatchNorm2d.__new__(cmbn_ext.CrossMiniBatchNorm2d)
+    old.__setstate__(state)
+    assert old.memory == "standard" and old.activation is None
+    old(torch.randn(2, 4, 3, 3)).sum().backward()

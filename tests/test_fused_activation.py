@@ -221,8 +221,8 @@ def test_checkpoint_recomputation_applies_the_activation(memory):
         x = torch.randn(2, 4, 3, 3, dtype=torch.float64) + index
         grad_y = torch.randn_like(x)
         expected = step(plain, x, grad_y, [plain.weight, plain.bias])
-        wrapped = lambda t: torch.utils.checkpoint.checkpoint(checkpointed, t, use_reentrant=False)  # noqa: E731
-        got = step(wrapped, x, grad_y, [checkpointed.weight, checkpointed.bias])
+        got = step(lambda t: torch.utils.checkpoint.checkpoint(checkpointed, t, use_reentrant=False), x,
+                   grad_y, [checkpointed.weight, checkpointed.bias])
         assert_all_close(got, expected, rtol=1e-12, atol=1e-13)
 
 
@@ -284,7 +284,8 @@ def test_activation_from_a_module_and_its_revert():
     by_name = cmbn_ext.revert_to_batchnorm(cmbn_ext.CrossMiniBatchNorm2d(4, activation="elu",
                                                                        activation_param=0.5))
     assert type(by_name[1]) is nn.ELU and by_name[1].alpha == 0.5
-    assert type(cmbn_ext.revert_to_batchnorm(cmbn_ext.CrossMiniBatchNorm2d(4, memory="lean"))) is nn.BatchNorm2d
+    lean_only = cmbn_ext.CrossMiniBatchNorm2d(4, memory="lean")
+    assert type(cmbn_ext.revert_to_batchnorm(lean_only)) is nn.BatchNorm2d
     assert "activation" not in repr(cmbn_ext.CrossMiniBatchNorm2d(4))
 
 
@@ -323,14 +324,16 @@ def test_norm_act_computes_its_act_in_the_op(memory):
     """CrossMiniBatchNormAct2d: act inside the op when supported and drop is an identity; a new act
     is followed at the next forward; act(drop(.)) otherwise."""
     from cmbn_ext.norm_act import CrossMiniBatchNormAct2d
-    layer = random_affine(CrossMiniBatchNormAct2d(4, act_layer=nn.LeakyReLU, act_kwargs={"negative_slope": 0.1},
-                                                  window=1, memory=memory).double())
+    layer = random_affine(CrossMiniBatchNormAct2d(4, act_layer=nn.LeakyReLU,
+                                                  act_kwargs={"negative_slope": 0.1}, window=1,
+                                                  memory=memory).double())
     assert layer.fused_activation() == (activations.LEAKY_RELU, 0.1)
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     grad_y = torch.randn_like(x)
     bn = batchnorm_like(layer)
     assert_all_close(step(layer, x, grad_y, [layer.weight]),
-                     step(nn.Sequential(bn, nn.LeakyReLU(0.1)), x, grad_y, [bn.weight]), rtol=1e-10, atol=1e-12)
+                     step(nn.Sequential(bn, nn.LeakyReLU(0.1)), x, grad_y, [bn.weight]),
+                     rtol=1e-10, atol=1e-12)
     layer.act = nn.GELU()  # not one the op computes: applied after
     bn = batchnorm_like(layer)
     assert_all_close(step(layer, x, grad_y, [layer.weight]),

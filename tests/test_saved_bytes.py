@@ -79,7 +79,8 @@ def test_fused_layers_keep_a_tensor_per_block_less(name, activation, saving):
 def test_lean_keeps_fewer_bytes_than_standard_only_when_invertible():
     x = torch.randn(SHAPE)
     for name, keeps_less in (("leaky_relu", True), ("elu", True), ("silu", False), ("relu", False)):
-        layer = {m: cmbn_ext.CrossMiniBatchNorm2d(SHAPE[1], activation=name, memory=m) for m in ("standard", "lean")}
+        layer = {m: cmbn_ext.CrossMiniBatchNorm2d(SHAPE[1], activation=name, memory=m)
+                 for m in ("standard", "lean")}
         # the layer alone, after a convolution whose output it would otherwise keep
         conv = nn.Conv2d(SHAPE[1], SHAPE[1], 1)
         standard, lean = (saved_bytes(nn.Sequential(conv, layer[m], nn.Conv2d(SHAPE[1], SHAPE[1], 1)), x)
