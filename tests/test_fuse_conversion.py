@@ -222,3 +222,16 @@ def test_a_layer_pickled_before_activations_loads_without_one():
     old.__setstate__(state)
     assert old.memory == "standard" and old.activation is None
     old(torch.randn(2, 4, 3, 3)).sum().backward()
+
+
+def test_sync_batchnorm_fuses_too():
+    original = nn.Sequential(nn.SyncBatchNorm(4), nn.ELU(0.5)).double()
+    fused = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1, fuse_activation=True)
+    assert type(fused[0]) is cmbn_ext.SyncCrossMiniBatchNorm
+    assert cmbn_ext.fused_activations(fused) == {"0": "elu"}
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    bn = nn.BatchNorm1d(4).double()
+    bn.load_state_dict(original[0].state_dict())
+    assert_same_function(fused, nn.Sequential(bn, nn.ELU(0.5)), x)
+    reverted = cmbn_ext.revert_to_batchnorm(fused)
+    assert type(reverted[0]) is nn.SyncBatchNorm and type(reverted[1]) is nn.ELU
