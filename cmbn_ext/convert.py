@@ -63,6 +63,22 @@ def _activation_pairs(root, classes):
             if type(parent._modules[norm_name]) in classes and slots[id(parent._modules[norm_name])] == 1]
 
 
+def _in_place(module):
+    return getattr(module, "inplace", False) is True
+
+
+def _keeps_output_safely(layer, followed):
+    """Whether a lean layer may keep its output: it computes an activation (whose output the original
+    model's activation handed on as it does now), or its output goes straight into a module that
+    does not change it in place (``followed``, or a timm layer's own ``act``). Other outputs may be
+    changed in place by code the conversion cannot see (a residual ``out += identity``), which would
+    make the backward fail."""
+    if layer.fused_activation() is not None or id(layer) in followed:
+        return True
+    act = layer._modules.get("act")
+    return act is not None and type(act) is not torch.nn.Identity and not _in_place(act)
+
+
 def _swap(module, cls, fuse_activation=None, **kwargs):
     """A ``cls`` layer with the options of ``module`` (``eps``, ``momentum``, the device and dtype of
     its tensors, a process group, unless ``kwargs`` set them), sharing its parameters, statistics, and
@@ -129,10 +145,13 @@ def convert_batchnorm(module, *, fuse_activation=False, memory="standard", **kwa
     (``affine=False`` and no running statistics). ``window`` is the layers' default, 4, unless given:
     set it to the micro-batches per optimizer step (a window that spans a step is warned about).
 
-    ``memory`` (``"standard"`` or ``"lean"``) goes to every converted layer (see the layers' docstring:
+    ``memory`` (``"standard"`` or ``"lean"``) goes to the converted layers (see the layers' docstring:
     ``"lean"`` keeps a layer's output for the backward instead of its input where the activation it
-    computes is invertible, none counting as one). A layer followed directly by an unsupported
-    in-place module (its output would be changed after the layer) keeps its input all the same.
+    computes is invertible, none counting as one). Where a layer computes no activation, ``"lean"``
+    is kept only when its output goes straight into the next module of an ``nn.Sequential`` (or a
+    timm layer's own activation) that does not change it in place; the others keep their input, as
+    code the conversion cannot see may change their output in place (a residual
+    ``out += identity``, as in torchvision's ResNet), which would make the backward fail.
 
     ``fuse_activation=True`` folds a BatchNorm and the activation right after it (ReLU, LeakyReLU,
     ELU, SiLU, Mish, Hardswish: ``activations.MODULES``, those exact classes) into one layer that
@@ -160,10 +179,12 @@ def convert_batchnorm(module, *, fuse_activation=False, memory="standard", **kwa
     pairs = _activation_pairs(module, _TO_CMBN) if fuse_activation or memory == "lean" else []
     timm_classes = _timm_to_cmbn()
     options = {**kwargs, "memory": memory}
+    swapped = {}
     converted = _convert(module, {**_TO_CMBN, **timm_classes},
                          lambda layer, cls: _swap(layer, cls, **options, **(
                              {"fuse_activation": fuse_activation} if cls in timm_classes.values() else {})),
-                         {})
+                         swapped)
+    followed = set()  # layers whose output goes straight into a module that does not change it in place
     for parent, norm_name, act_name in pairs:
         layer, act = parent._modules[norm_name], parent._modules[act_name]
         fused = activations.from_module(act) if fuse_activation else None
@@ -171,8 +192,12 @@ def convert_batchnorm(module, *, fuse_activation=False, memory="standard", **kwa
             layer._set_activation(*fused, act)
             layer._activation_slot = True
             parent.add_module(act_name, FusedActivation(act))
-        elif getattr(act, "inplace", False) is True:
-            layer.memory = "standard"  # the module would change the output a lean layer keeps
+        elif not _in_place(act):
+            followed.add(id(layer))
+    if memory == "lean":
+        for layer in swapped.values():
+            if isinstance(layer, _CrossMiniBatchNorm) and not _keeps_output_safely(layer, followed):
+                layer.memory = "standard"
     left = [layer for layer in converted.modules()
             if isinstance(layer, _BatchNorm) and not isinstance(layer, _CrossMiniBatchNorm)]
     _warn_left("convert_batchnorm", left, "it converts torch.nn.BatchNorm1d/2d/3d, SyncBatchNorm and "

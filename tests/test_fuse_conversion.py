@@ -58,7 +58,8 @@ def test_sequential_neighbours(memory):
     assert cmbn_ext.fused_activations(unfused) == {}
     assert [type(fused[i]) for i in (2, 5, 8)] == [FusedActivation, nn.GELU, FusedActivation]
     assert list(fused.state_dict()) == list(unfused.state_dict())
-    assert {fused[i].memory for i in (1, 4, 7, 10)} == {memory}
+    # the last layer's output leaves the model: what uses it is not seen, so it keeps its input
+    assert [fused[i].memory for i in (1, 4, 7, 10)] == [memory, memory, memory, "standard"]
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     assert_same_function(fused, original, x)
     original_act = original[2]
@@ -73,7 +74,8 @@ def test_sequential_neighbours(memory):
 
 def test_what_stays_unfused():
     """A BatchNorm used twice, a Sequential subclass with a forward of its own and an activation
-    subclass stay unfused; a layer followed by an unfused in-place module keeps its input when lean."""
+    subclass stay unfused; lean, such a layer keeps its output only when it goes straight into a
+    module that does not change it in place."""
     shared = nn.BatchNorm2d(4)
 
     class Custom(nn.Sequential):
@@ -89,11 +91,25 @@ def test_what_stays_unfused():
                           nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(inplace=True)))
     cmbn_ext.convert_batchnorm(model, fuse_activation=True, memory="lean")
     assert cmbn_ext.fused_activations(model) == {"5.0": "relu"}
-    assert model[0][0] is model[1][0] and model[0][0].memory == "lean"
-    assert model[4][0].memory == "standard" and model[3][0].memory == "lean"
+    assert model[0][0] is model[1][0]
+    assert [model[i][0].memory for i in range(6)] == ["standard", "standard", "standard", "lean", "standard",
+                                                      "lean"]
     x = torch.randn(2, 4, 3, 3)
     for block in model:
         block(x).sum().backward()  # the in-place ReLU6 after a lean layer would fail the backward
+
+
+@pytest.mark.parametrize("name,options", [("resnet18", {}), ("mobilenet_v3_small", {"dropout": 0.0})])
+def test_lean_conversion_of_residual_models_with_in_place_additions(name, options):
+    """torchvision's residual blocks add the shortcut in place to a norm's output (``out += identity``):
+    those layers keep their input, so the backward works."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    original = getattr(torchvision.models, name)(num_classes=10, **options).double()
+    converted = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1, fuse_activation=True,
+                                           memory="lean")
+    assert_same_function(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), rtol=1e-7,
+                         atol=1e-9)
 
 
 def test_lean_without_fusing_keeps_the_input_before_an_in_place_activation():
