@@ -188,11 +188,11 @@ def convert_batchnorm(module, *, fuse_activation=False, memory="standard", **kwa
     for parent, norm_name, act_name in pairs:
         layer, act = parent._modules[norm_name], parent._modules[act_name]
         fused = activations.from_module(act) if fuse_activation else None
-        if fused is not None:
+        if fused is not None and fused[0] != activations.IDENTITY:
             layer._set_activation(*fused, act)
             layer._activation_slot = True
             parent.add_module(act_name, FusedActivation(act))
-        elif not _in_place(act):
+        elif not _in_place(act) and not isinstance(act, torch.nn.Identity):  # that hands the output on
             followed.add(id(layer))
     if memory == "lean":
         for layer in swapped.values():

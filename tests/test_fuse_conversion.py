@@ -88,12 +88,13 @@ def test_what_stays_unfused():
     model = nn.Sequential(nn.Sequential(shared, nn.ReLU()), nn.Sequential(shared, nn.Identity()),
                           Custom(nn.BatchNorm2d(4), nn.ReLU()), nn.Sequential(nn.BatchNorm2d(4), MyReLU()),
                           nn.Sequential(nn.BatchNorm2d(4), nn.ReLU6(inplace=True)),
-                          nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(inplace=True)))
+                          nn.Sequential(nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
+                          nn.Sequential(nn.BatchNorm2d(4), nn.Identity()))
     cmbn_ext.convert_batchnorm(model, fuse_activation=True, memory="lean")
     assert cmbn_ext.fused_activations(model) == {"5.0": "relu"}
-    assert model[0][0] is model[1][0]
-    assert [model[i][0].memory for i in range(6)] == ["standard", "standard", "standard", "lean", "standard",
-                                                      "lean"]
+    assert model[0][0] is model[1][0] and type(model[6][1]) is nn.Identity
+    assert [model[i][0].memory for i in range(7)] == ["standard", "standard", "standard", "lean", "standard",
+                                                      "lean", "standard"]
     x = torch.randn(2, 4, 3, 3)
     for block in model:
         block(x).sum().backward()  # the in-place ReLU6 after a lean layer would fail the backward
