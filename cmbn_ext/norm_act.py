@@ -66,6 +66,12 @@ class CrossMiniBatchNormAct2d(CrossMiniBatchNorm2d):
         y = super().forward(x)
         return y if self._act_fused else act(drop(y))
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_fused_for" not in self.__dict__:  # a layer pickled before activations existed
+            self._fuse_activation = True
+            self._refresh_activation()
+
     def _refresh_activation(self):
         """Decide from ``act`` and ``drop`` whether the op computes the activation."""
         act, drop = self._modules["act"], self._modules["drop"]

@@ -230,15 +230,24 @@ def test_a_fused_model_pickles_and_reverts_after_loading(tmp_path):
     assert type(reverted[2]) is nn.LeakyReLU and type(reverted[8]) is nn.SiLU
 
 
-def test_a_layer_pickled_before_activations_loads_without_one():
-    layer = cmbn_ext.CrossMiniBatchNorm2d(4)
+@pytest.mark.parametrize("norm_act", [False, True])
+def test_a_layer_pickled_before_activations_loads(norm_act):
+    """A layer pickled whole before these options existed: no activation of its own, memory standard
+    (timm's counterpart: its act, as before)."""
+    from cmbn_ext.norm_act import CrossMiniBatchNormAct2d
+    cls = CrossMiniBatchNormAct2d if norm_act else cmbn_ext.CrossMiniBatchNorm2d
+    layer = cls(4)
     state = layer.__dict__.copy()
-    for name in ("_activation", "_activation_module", "_lean", "_memory", "_lean_check", "_activation_slot"):
-        del state[name]
-    old = cmbn_ext.CrossMiniBatchNorm2d.__new__(cmbn_ext.CrossMiniBatchNorm2d)
+    for name in ("_activation", "_activation_module", "_lean", "_memory", "_lean_check", "_activation_slot",
+                 "_fuse_activation", "_act_fused", "_fused_for"):
+        state.pop(name, None)
+    old = cls.__new__(cls)
     old.__setstate__(state)
-    assert old.memory == "standard" and old.activation is None
-    old(torch.randn(2, 4, 3, 3)).sum().backward()
+    assert old.memory == "standard" and old.activation == ("relu" if norm_act else None)
+    x = torch.randn(2, 4, 3, 3)
+    old(x).sum().backward()
+    old.eval(), layer.eval()
+    torch.testing.assert_close(old(x), layer(x))
 
 
 def test_sync_batchnorm_fuses_too():
