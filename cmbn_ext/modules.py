@@ -26,9 +26,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import activations
 from .ops import CrossMiniBatchNormFunction, normalization_history
 from .distributed import GroupCrossMiniBatchNorm, WindowAgreement, check_group_matches
-from .reference import channel_view, values_per_channel
+from .reference import LEAN_MIN_WEIGHT, channel_view, normalize, stats_dtype, values_per_channel
 from .user_warnings import warn
 from .window_state import commit_window
 
@@ -39,6 +40,8 @@ GRADS = ("renorm", "exact")
 # When the running statistics of a windowed mode are updated: once per window, or after every
 # micro-batch from the pooled statistics of the window so far (Darknet's CmBN).
 RUNNING_STATS = ("window", "micro_batch")
+# What the backward keeps: the input ("standard") or, for an invertible activation, the output ("lean").
+MEMORY = ("standard", "lean")
 WINDOW_BUFFERS = ("window_count", "window_mean", "window_var", "window_step")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # window=None pools until end_window(); a window this long means it was most likely forgotten.
@@ -76,6 +79,54 @@ class _HostWindow:
         # A copy (deepcopy, pickle) has new parameters with new version counters: only the position
         # carries over.
         return _HostWindow, (self.position,)
+
+
+class _LeanCheck:
+    """Whether a ``memory="lean"`` layer's weight lets the backward divide by it: no ``|weight|`` below
+    ``LEAN_MIN_WEIGHT``. Reading that costs a wait for the device, so the answer is kept with the
+    weight it was read from and that weight's version counter (which grows at every in-place change,
+    such as an optimizer step), and read again only when either changes."""
+
+    __slots__ = ("weight", "version", "holds")
+
+    def __init__(self):
+        self.weight, self.version, self.holds = None, None, True
+
+    def __reduce__(self):
+        return _LeanCheck, ()  # a copy has other parameters: read again
+
+
+def _resolve_activation(activation, activation_param):
+    """``(code, param, module)`` of the ``activation=`` argument: None, a name of
+    ``activations.NAMES`` (``activation_param`` its slope or alpha), or an instance of one of torch's
+    activation modules (``module``, kept for ``revert_to_batchnorm``)."""
+    if activation_param is not None and (isinstance(activation_param, bool) or not isinstance(
+            activation_param, numbers.Real) or not math.isfinite(activation_param)):
+        raise ValueError(f"activation_param must be a finite float, got {activation_param!r}")
+    if activation is None or isinstance(activation, str):
+        code, param = activations.from_name("identity" if activation is None else activation,
+                                            activation_param)
+        if activation_param is not None and code not in activations.DEFAULT_PARAMS:
+            raise ValueError(f"activation_param is for 'leaky_relu' (its negative slope) and 'elu' (its "
+                             f"alpha); activation={activation!r} takes none")
+        return code, param, None
+    if isinstance(activation, torch.nn.Module):
+        entry = activations.from_module(activation)
+        if entry is None:
+            supported = ", ".join(f"torch.nn.{cls.__name__}" for cls in activations.MODULES)
+            raise ValueError(f"activation: the op computes instances of exactly {supported}; got "
+                             f"{type(activation).__module__}.{type(activation).__qualname__} (leave it "
+                             f"as a module after the layer)")
+        if activation_param is not None:
+            raise ValueError("activation_param is read from the activation module; pass one or the other")
+        return (*entry, activation)
+    raise TypeError(f"activation must be None, a name ({', '.join(activations.NAMES)}) or a torch.nn "
+                    f"activation module, got {type(activation).__name__}")
+
+
+def _check_memory(memory):
+    if memory not in MEMORY:
+        raise ValueError(f"memory must be one of {MEMORY}, got {memory!r}")
 
 
 def _check_eps(eps):
@@ -147,6 +198,30 @@ class _CrossMiniBatchNorm(_BatchNorm):
             statistics once, when it ends; ``"micro_batch"`` (cumulative and deferred modes) updates
             them after every micro-batch from the pooled statistics of the window so far, as Darknet's
             CmBN does (``num_batches_tracked`` then counts micro-batches). Fixed at construction.
+        activation: the activation applied to the output inside the op (forward and backward), in
+            place of an activation module after the layer: ``None`` (default, none), a name
+            (``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"``, ``"mish"``, ``"hardswish"``,
+            ``"identity"``) with ``activation_param`` for LeakyReLU's negative slope (default 0.01) and
+            ELU's alpha (default 1.0), or an instance of exactly ``torch.nn.ReLU``, ``LeakyReLU``,
+            ``ELU``, ``SiLU``, ``Mish``, ``Hardswish`` or ``Identity`` (its parameter read from it).
+            Fixed at construction.
+        memory: what the backward keeps. ``"standard"`` (default): the layer's input, from which the
+            activation's derivative is recomputed (the results of BatchNorm then the activation, to
+            rounding). ``"lean"``: the layer's output when the activation is invertible (none,
+            LeakyReLU with a positive slope, ELU), from which the backward reconstructs the input, as
+            InPlace-ABN does; the output is usually also what the next layer keeps, so the pair keeps
+            one tensor. Other activations keep the input, as ``"standard"``. The reconstruction divides
+            by the weight: a layer with any ``|weight| < reference.LEAN_MIN_WEIGHT`` keeps its input
+            for that micro-batch instead, so gradients stay exact (a weight initialised to zero, such
+            as timm's ``zero_init_last``, trains normally). That check reads the weight on the host
+            once per change of the weight (an optimizer step), never under ``torch.compile``, where
+            the weight is assumed large enough and the op takes ``LEAN_MIN_WEIGHT`` in place of a
+            smaller magnitude. Code that changes the layer's output in place (``out += identity``)
+            makes a lean layer's backward raise: use ``"standard"`` there. In fp16/bf16 the
+            reconstruction rounds the output's error into the gradients (see docs/memory.md).
+
+    With a ``process_group`` the activation is applied after the layer's op, unfused, and the
+    backward keeps the input whatever ``memory`` says.
 
     With ``window=1`` in cumulative mode the layer is exactly ``torch.nn.BatchNorm*d``. The window state
     is kept in fp32 (fp64 in an fp64 layer) whatever the layer's dtype. ``mode`` and ``running_stats``
@@ -165,9 +240,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True, mode="cumulative", window=4, grad="renorm",
-                 process_group=None, running_stats="window"):
+                 process_group=None, running_stats="window", activation=None, activation_param=None,
+                 memory="standard"):
         _check_eps(eps)
         _check_options(mode, window, grad, momentum, process_group, running_stats)
+        _check_memory(memory)
+        code, param, module = _resolve_activation(activation, activation_param)
         # bias only when False: torch releases before the argument have only the default
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device,
                          dtype=dtype, **({} if bias else {"bias": False}))
@@ -180,6 +258,12 @@ class _CrossMiniBatchNorm(_BatchNorm):
         self._checkpoint_history = None  # see _history_for
         self._window_agreement = WindowAgreement()  # checked at end_window()
         self._host_window = _HostWindow() if mode in WINDOWED_MODES else None
+        self._memory = memory
+        self._lean_check = _LeanCheck()
+        # Set by convert_batchnorm when the activation came from a module slot that now holds a
+        # FusedActivation: revert_to_batchnorm puts the module back there rather than after the layer.
+        self._activation_slot = False
+        self._set_activation(code, param, module)
         slots = window - 1 if mode == "sliding" else 1
         history = {"device": device, "dtype": _history_dtype(dtype or torch.get_default_dtype())}
         self.register_buffer("window_count",
@@ -232,6 +316,51 @@ class _CrossMiniBatchNorm(_BatchNorm):
         _check_options(self._mode, self._window, value, self.momentum, None)
         self._grad = value
 
+    @property
+    def memory(self):
+        return self._memory
+
+    @memory.setter
+    def memory(self, value):
+        _check_memory(value)
+        self._memory = value
+        self._refresh_activation()
+
+    @property
+    def activation(self):
+        """The name of the activation the op computes (``activations.NAMES``), or None for none."""
+        code = self._activation[0]
+        return None if code == activations.IDENTITY else activations.CODE_NAMES[code]
+
+    @property
+    def activation_param(self):
+        """LeakyReLU's negative slope or ELU's alpha (0.0 for the other activations)."""
+        return self._activation[1]
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_activation" not in self.__dict__:  # a layer pickled before activations existed
+            self._memory, self._lean_check, self._activation_slot = "standard", _LeanCheck(), False
+            self._set_activation(activations.IDENTITY, 0.0)
+
+    def _refresh_activation(self):
+        """Derive the per-call flags again after an option changed."""
+        self._set_activation(*self._activation, self._activation_module)
+
+    def fused_activation(self):
+        """``(code, param)`` of the activation the layer's op computes (``activations.py``), or None
+        when it computes none."""
+        return None if self._activation[0] == activations.IDENTITY else self._activation
+
+    def _set_activation(self, code, param, module=None):
+        """The activation the op computes, and what follows from it per call: ``_lean``, whether the
+        backward may keep the output (the weight permitting). ``module``: the activation module it
+        stands for, kept (not as a child: the state dict stays BatchNorm's) for
+        ``revert_to_batchnorm``."""
+        self._activation = (code, param)  # the ops' two arguments, read per call
+        self.__dict__["_activation_module"] = module
+        self._lean = self._memory == "lean" and activations.invertible(code, param)
+
     def _apply(self, fn, *args, **kwargs):
         # .half() / .to(bfloat16) move the window state but keep it in fp32: the history must not be
         # rounded to half (nor overflow it), as for the statistics themselves.
@@ -247,6 +376,13 @@ class _CrossMiniBatchNorm(_BatchNorm):
         text = f"{super().extra_repr()}, mode={self.mode!r}, window={self.window}, grad={self.grad!r}"
         if self._running_stats != "window":
             text += f", running_stats={self._running_stats!r}"
+        code, param = self._activation
+        if code != activations.IDENTITY:
+            text += f", activation={activations.CODE_NAMES[code]!r}"
+            if code in activations.DEFAULT_PARAMS:
+                text += f", activation_param={param}"
+        if self._memory != "standard":
+            text += f", memory={self._memory!r}"
         return text
 
     # ----------------------------------------------------------------------------------------- forward
@@ -269,16 +405,29 @@ class _CrossMiniBatchNorm(_BatchNorm):
         if m == 1:
             self._check_more_than_one_value(x, self._normalization_history(history)[0])
         params = self._parameters  # dict lookups: nn.Module attribute access costs host time per call
+        weight = params["weight"]
+        keep_output = self._lean and self._weight_allows_lean(weight)
         if recomputed:  # the first run of this micro-batch updated the state already
             return CrossMiniBatchNormFunction.apply(
-                x, params["weight"], params["bias"], *self._normalization_history(history), self.eps,
-                self._ema_momentum(), self._grad == "exact")[0]
+                x, weight, params["bias"], *self._normalization_history(history), self.eps,
+                self._ema_momentum(), self._grad == "exact", *self._activation, keep_output)[0]
         self._note_micro_batch()
         return torch.ops.cmbn_ext.cmbn_train_forward(
-            x, params["weight"], params["bias"], *history, self._buffers["window_step"],
+            x, weight, params["bias"], *history, self._buffers["window_step"],
             *self._tracked_running_stats(), self.eps, self._ema_momentum(), self._grad == "exact",
             self._mode, self._window if self._mode in WINDOWED_MODES else None, self.momentum,
-            self._every_micro_batch)[0]
+            self._every_micro_batch, *self._activation, keep_output)[0]
+
+    def _weight_allows_lean(self, weight):
+        """Whether the lean backward may divide by ``weight``: no ``|weight| < LEAN_MIN_WEIGHT``. Read
+        on the host once per change of the weight (``_LeanCheck``); assumed under ``torch.compile``."""
+        if weight is None or torch.compiler.is_compiling():
+            return True
+        check = self._lean_check
+        if weight is not check.weight or weight._version != check.version:
+            holds = weight.is_meta or not bool((weight.detach().abs() < LEAN_MIN_WEIGHT).any())
+            check.weight, check.version, check.holds = weight, weight._version, holds
+        return check.holds
 
     def _forward_traced(self, x):
         """``torch.fx`` symbolic tracing (``symbolic_trace``, torchvision's ``create_feature_extractor``)
@@ -291,17 +440,23 @@ class _CrossMiniBatchNorm(_BatchNorm):
         raise TypeError(f"{type(self).__name__}: expected a tensor, got {type(x).__name__}")
 
     def _forward_eval(self, x):
-        """As BatchNorm: the running statistics whenever the layer has them, else the batch alone."""
+        """As BatchNorm: the running statistics whenever the layer has them, else the batch alone; then
+        the activation (before half input's rounding, as in training)."""
         if values_per_channel(x) == 0:
             return self._empty_output(x)
+        code, param = self._activation
         if self.running_mean is not None:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False,
-                                0.0, self.eps)
+            if code == activations.IDENTITY:
+                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                    False, 0.0, self.eps)
+            dtype = stats_dtype(x.dtype)
+            return normalize(x, self.running_mean.to(dtype), self.running_var.to(dtype), self.weight,
+                             self.bias, self.eps, code, param)
         no_history = (self.window_count[:0], self.window_mean[:0], self.window_var[:0])
         if values_per_channel(x) == 1:
             self._check_more_than_one_value(x, no_history[0])
         return CrossMiniBatchNormFunction.apply(x, self.weight, self.bias, *no_history, self.eps, None,
-                                                self.grad == "exact")[0]
+                                                self.grad == "exact", code, param)[0]
 
     def _active_group(self):
         """The process group this training forward pools across, or None for this process alone."""
@@ -326,7 +481,9 @@ class _CrossMiniBatchNorm(_BatchNorm):
         if not recomputed:  # the count stays on the device: 0 (every rank empty) changes nothing
             with torch.no_grad():
                 self._update_state(count, mean, var, batch_mean, batch_var)
-        return y
+        # The phase ops take no activation: applied here, unfused (the backward keeps the input).
+        code, param = self._activation
+        return y if code == activations.IDENTITY else activations.apply(y, code, param)
 
     def _history_for(self, x, recomputed):
         """The history ``(count, mean, var)`` this training forward pools with.
@@ -404,7 +561,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
             y = y * channel_view(self.weight, x)
         if self.bias is not None:
             y = y + channel_view(self.bias, x)
-        return y.to(x.dtype)
+        code, param = self._activation
+        return activations.apply(y, code, param).to(x.dtype)
 
     # ------------------------------------------------------------------------------------------- state
     def _update_state(self, m, mean, var, batch_mean, batch_var):
@@ -664,6 +822,19 @@ def _is_dense(x):
     if x.dim() == 4:
         return x.is_contiguous(memory_format=torch.channels_last)
     return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+class FusedActivation(torch.nn.Identity):
+    """The slot of an activation that ``convert_batchnorm(..., fuse_activation=True)`` folded into the
+    CmBN layer before it: an identity, which remembers the activation module (``original``) for
+    ``revert_to_batchnorm`` without registering it as a child, so the state dict keeps its keys."""
+
+    def __init__(self, original):
+        super().__init__()
+        self.__dict__["original"] = original
+
+    def extra_repr(self):
+        return f"computed by the CmBN layer before it: {self.original!r}"
 
 
 class CrossMiniBatchNorm1d(_CrossMiniBatchNorm):

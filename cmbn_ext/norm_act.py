@@ -13,6 +13,7 @@ activation class rather than a timm activation name).
 import torch
 import torch.nn as nn
 
+from . import activations
 from .modules import CrossMiniBatchNorm2d
 from .user_warnings import warn
 
@@ -31,25 +32,69 @@ class CrossMiniBatchNormAct2d(CrossMiniBatchNorm2d):
         apply_act, act_layer, act_kwargs, inplace, drop_layer: as in timm's ``BatchNormAct2d``:
             ``act_layer`` is a module class or (with timm installed) a timm activation name such as
             ``"silu"``; ``drop_layer`` a module class, built without arguments.
+        fuse_activation: compute ``act`` inside the op (default) when it is one the op computes
+            (``activations.MODULES``: ReLU, LeakyReLU, ELU, SiLU, Mish, Hardswish, Identity) and
+            ``drop`` is an ``nn.Identity``; ``act`` stays the layer's child either way.
         options: ``CrossMiniBatchNorm2d``'s keyword-only arguments (``bias``, ``mode``, ``window``,
-            ``grad``, ``process_group``).
+            ``grad``, ``process_group``, ``memory``); the activation is ``act``'s.
 
     The parameter and buffer names are BatchNorm's (``drop`` and ``act`` hold none), so a timm
-    checkpoint loads as it does into ``BatchNormAct2d``.
+    checkpoint loads as it does into ``BatchNormAct2d``. A new ``act`` or ``drop`` module is taken into
+    account at the next forward.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  apply_act=True, act_layer=nn.ReLU, act_kwargs=None, inplace=True, drop_layer=None,
-                 device=None, dtype=None, **options):
+                 device=None, dtype=None, fuse_activation=True, **options):
+        for name in ("activation", "activation_param"):
+            if name in options:
+                raise TypeError(f"CrossMiniBatchNormAct2d takes its activation from act_layer, not {name}=")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
                          **options)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = _activation(act_layer, act_kwargs, inplace) if apply_act else nn.Identity()
+        self._fuse_activation = fuse_activation
+        self._refresh_activation()
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor):  # FX tracing: one node for the whole layer (or the error)
             return super().forward(x)
-        return self.act(self.drop(super().forward(x)))
+        modules = self._modules  # dict lookups: the children may have been replaced since
+        act, drop = modules["act"], modules["drop"]
+        if act is not self._fused_for[0] or drop is not self._fused_for[1]:
+            self._refresh_activation()
+        y = super().forward(x)
+        return y if self._act_fused else act(drop(y))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_fused_for" not in self.__dict__:  # a layer pickled before activations existed
+            self._fuse_activation = True
+            self._refresh_activation()
+
+    def _refresh_activation(self):
+        """Decide from ``act`` and ``drop`` whether the op computes the activation."""
+        act, drop = self._modules["act"], self._modules["drop"]
+        entry = activations.from_module(act) if self._fuse_activation and type(drop) is nn.Identity \
+            else None
+        self._act_fused = entry is not None
+        self._fused_for = (act, drop)  # a plain tuple: not registered as children
+        self._set_activation(*(entry or (activations.IDENTITY, 0.0)))
+        if not self._act_fused and (_in_place(act) or _in_place(drop)):
+            self._lean = False  # an in-place module after the op would change the output it keeps
+
+    def fused_activation(self):
+        if self._modules["act"] is not self._fused_for[0] or self._modules["drop"] is not self._fused_for[1]:
+            self._refresh_activation()
+        return super().fused_activation()
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        return text if self._fuse_activation else text + ", fuse_activation=False"
+
+
+def _in_place(module):
+    return getattr(module, "inplace", False) is True
 
 
 def _activation(act_layer, act_kwargs, inplace):

@@ -32,7 +32,8 @@ def add_cmbn_callbacks(model, **cmbn_options):
     that train it with CmBN: convert its BatchNorm layers once the trainer has built the model, optimizer
     and EMA, end the windows at each optimizer step, and unregister at the end of training.
 
-    ``cmbn_options`` go to ``convert_batchnorm`` (``mode``, ``grad``, ``process_group``, ...);
+    ``cmbn_options`` go to ``convert_batchnorm`` (``mode``, ``grad``, ``process_group``,
+    ``fuse_activation=True`` and ``memory="lean"`` to keep less for the backward, ...);
     ``window`` defaults to ``None``: each window is the micro-batches of one optimizer step.
     """
     options = {"window": None, **cmbn_options}
