@@ -54,14 +54,15 @@ Six train_forward(const Tensor& x, const std::optional<Tensor>&, const std::opti
                   Tensor&, Tensor&, Tensor&, Tensor&, const std::optional<Tensor>&,
                   const std::optional<Tensor>&, const std::optional<Tensor>&, double,
                   std::optional<double>, bool, std::string_view, std::optional<int64_t>,
-                  std::optional<double>, bool) {
+                  std::optional<double>, bool, int64_t, double, bool) {
   count<stub_index("cmbn_train_forward")>();
   return {at::empty_like(x), channel_stats(x), channel_stats(x), channel_stats(x),
           channel_stats(x), channel_stats(x)};
 }
 
 Six forward(const Tensor& x, const std::optional<Tensor>&, const std::optional<Tensor>&,
-            const Tensor&, const Tensor&, const Tensor&, double, std::optional<double>, bool) {
+            const Tensor&, const Tensor&, const Tensor&, double, std::optional<double>, bool, int64_t,
+            double) {
   count<stub_index("cmbn_forward")>();
   return {at::empty_like(x), channel_stats(x), channel_stats(x), channel_stats(x),
           channel_stats(x), channel_stats(x)};
@@ -77,7 +78,8 @@ void update_state(Tensor&, Tensor&, Tensor&, Tensor&, const std::optional<Tensor
 std::tuple<Tensor, Tensor, Tensor> cmbn_backward(const Tensor& grad_y, const Tensor& x,
                                                  const std::optional<Tensor>&, const Tensor& mean,
                                                  const Tensor&, const Tensor&, const Tensor&,
-                                                 const Tensor&, double, bool) {
+                                                 const Tensor&, double, bool,
+                                                 const std::optional<Tensor>&, int64_t, double, bool) {
   count<stub_index("cmbn_backward")>();
   return {at::empty_like(x), at::empty_like(mean), at::empty_like(mean)};
 }
