@@ -5,9 +5,10 @@ a training step's time.
     python3 bench/host_overhead.py --device cuda   # the kernels: host time per call, GPU left to run
     python3 bench/host_overhead.py --device cpu    # the CPU proxy (below)
 
-Each call (a training forward, or forward and backward) is timed on its own with
-``time.perf_counter``; the median of many calls is reported, the variants interleaved in rounds so
-that drift on a busy host hits both alike.
+Each call (a training forward, or forward and backward) is timed on its own; the median of many calls
+is reported, the variants interleaved in rounds so that drift on a busy host hits both alike. The CPU
+proxy times the thread's CPU time (``time.thread_time``: what the call costs the host, whatever else
+the machine runs); on CUDA, ``time.perf_counter``.
 
 - cuda: nothing synchronizes inside a round, so a call's time is what the host spends to queue its
   work (the GPU is not the bottleneck at these sizes; a synchronize between rounds keeps the queue
@@ -127,6 +128,7 @@ def measure(shape, device, rounds, calls_per_round):
         for pass_ in PASSES:
             calls[variant, pass_] = make_call(layer, pass_, x if pass_ == "fwd" else x_leaf, dy)
     times = {key: [] for key in calls}
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     for _ in range(3):  # warm-up: allocator, autograd and dispatch caches
         for call in calls.values():
             call()
@@ -136,9 +138,9 @@ def measure(shape, device, rounds, calls_per_round):
                 torch.cuda.synchronize(device)
             samples = times[key]
             for _ in range(calls_per_round):
-                start = time.perf_counter()
+                start = clock()
                 call()
-                samples.append(time.perf_counter() - start)
+                samples.append(clock() - start)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {key: statistics.median(samples) * 1e6 for key, samples in times.items()}
@@ -171,8 +173,9 @@ def markdown(results):
 
 
 def method_text(device, args):
+    clock = "time.perf_counter" if device.type == "cuda" else "time.thread_time (the thread's CPU time)"
     timing = (f"Median of {args.rounds} x {args.calls} calls per variant, each timed with "
-              f"time.perf_counter, variants interleaved by rounds. CmBN: cumulative mode, window "
+              f"{clock}, variants interleaved by rounds. CmBN: cumulative mode, window "
               f"{WINDOW}; fwd+bwd = layer(x).backward(dy) with x requiring grad.")
     path = ("CmBN's training forward is one op, cmbn_train_forward, with "
             + ("its autograd in C++ (cmbn_ext._C)." if ops.HAS_CPP_AUTOGRAD else

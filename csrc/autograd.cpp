@@ -1,73 +1,63 @@
 // Autograd for cmbn_ext::cmbn_train_forward, in C++ so that a training micro-batch costs one
 // dispatch forward and one backward node, as torch's BatchNorm does. The forward runs the op below
-// autograd (whatever backend serves it: the CUDA kernels, or the reference on the CPU); the backward
-// calls cmbn_ext::cmbn_backward, from x, or from y where keep_output asks for it (memory="lean": y
-// is the tensor the next layer keeps anyway). Only y is differentiable: the statistics are outputs for the state,
-// and the window state the op updates is never part of the graph (SPEC section 4: history is a
+// autograd (whatever backend serves it: the CUDA kernels, or the CPU kernels); the backward calls
+// cmbn_ext::cmbn_backward, from x, or from y where keep_output asks for it (memory="lean": y is the
+// tensor the next layer keeps anyway). Only y is differentiable: the statistics are outputs for the state, and
+// the window state the op updates is never part of the graph (SPEC section 4: history is a
 // constant).
+//
+// The backward node is written the way torch's generated BatchNorm node is (a Node with three next
+// edges and its saved tensors as members), not with torch::autograd::Function: that one tracks all
+// twenty arguments and keeps its options in a map of IValues, which costs more host time per call
+// than the whole BatchNorm node.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 namespace cmbn {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using Statistics = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-constexpr int kInputs = 20;  // arguments of cmbn_train_forward
+at::Tensor defined_or_empty(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? *tensor : at::Tensor();
+}
 
-class TrainForward : public torch::autograd::Function<TrainForward> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, at::Tensor& window_count,
-                               at::Tensor& window_mean, at::Tensor& window_var,
-                               at::Tensor& window_step,
-                               const std::optional<at::Tensor>& running_mean,
-                               const std::optional<at::Tensor>& running_var,
-                               const std::optional<at::Tensor>& num_batches_tracked, double eps,
-                               std::optional<double> ema_momentum, bool exact_grad,
-                               std::string_view layer_mode, std::optional<int64_t> window,
-                               std::optional<double> momentum, bool every_micro_batch,
-                               int64_t activation, double activation_param, bool keep_output) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("cmbn_ext::cmbn_train_forward", "")
-                               .typed<Statistics(const at::Tensor&, const std::optional<at::Tensor>&,
-                                                 const std::optional<at::Tensor>&, at::Tensor&,
-                                                 at::Tensor&, at::Tensor&, at::Tensor&,
-                                                 const std::optional<at::Tensor>&,
-                                                 const std::optional<at::Tensor>&,
-                                                 const std::optional<at::Tensor>&, double,
-                                                 std::optional<double>, bool, std::string_view,
-                                                 std::optional<int64_t>, std::optional<double>,
-                                                 bool, int64_t, double, bool)>();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, mean, var, batch_mean, batch_var, b] =
-        op.call(x, weight, bias, window_count, window_mean, window_var, window_step, running_mean,
-                running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
-                layer_mode, window, momentum, every_micro_batch, activation, activation_param,
-                keep_output);
-    ctx->save_for_backward({keep_output ? y : x, weight.value_or(at::Tensor()),
-                            bias.value_or(at::Tensor()), mean, var, batch_mean, batch_var, b});
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["exact_grad"] = exact_grad;
-    ctx->saved_data["activation"] = activation;
-    ctx->saved_data["activation_param"] = activation_param;
-    ctx->saved_data["keep_output"] = keep_output;
-    ctx->saved_data["bias_dtype"] =
-        bias.has_value() && bias->defined() ? c10::IValue(bias->scalar_type()) : c10::IValue();
-    ctx->mark_non_differentiable({mean, var, batch_mean, batch_var, b});
-    ctx->set_materialize_grads(false);  // no zero tensors (and launches) for the statistics' grads
-    return {y, mean, var, batch_mean, batch_var, b};
+std::optional<at::Tensor> optional_if_defined(const at::Tensor& tensor) {
+  return tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt;
+}
+
+// The backward of one training micro-batch: grads of (x, weight, bias) from the gradient of y.
+struct TrainForwardBackward : public torch::autograd::Node {
+  SavedVariable input_or_output, weight, bias, mean, var, batch_mean, batch_var, b;
+  double eps = 0;
+  bool exact_grad = false;
+  int64_t activation = 0;
+  double activation_param = 0;
+  bool from_output = false;
+  std::optional<at::ScalarType> weight_dtype, bias_dtype;
+
+  std::string name() const override { return "CrossMiniBatchNormBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* saved :
+         {&input_or_output, &weight, &bias, &mean, &var, &batch_mean, &batch_var, &b}) {
+      saved->reset_data();
+    }
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+  variable_list apply(variable_list&& grads) override {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "cmbn_ext: double backward (create_graph=True) through CrossMiniBatchNorm is not "
                 "supported");
@@ -79,27 +69,30 @@ class TrainForward : public torch::autograd::Function<TrainForward> {
                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                 const at::Tensor&, double, bool, const std::optional<at::Tensor>&, int64_t, double,
                 bool)>();
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& input_or_output = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& bias = saved[2];
-    variable_list grads(kInputs);
-    if (!grad_outputs[0].defined()) return grads;  // y did not reach the loss
+    variable_list result(3);
+    if (!grads[0].defined()) return result;  // y did not reach the loss
     auto [grad_x, grad_weight, grad_bias] =
-        op.call(grad_outputs[0], input_or_output,
-                weight.defined() ? std::optional<at::Tensor>(weight) : std::nullopt, saved[3],
-                saved[4], saved[5], saved[6], saved[7], ctx->saved_data["eps"].toDouble(),
-                ctx->saved_data["exact_grad"].toBool(),
-                bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-                ctx->saved_data["activation"].toInt(),
-                ctx->saved_data["activation_param"].toDouble(),
-                ctx->saved_data["keep_output"].toBool());
-    if (ctx->needs_input_grad(0)) grads[0] = grad_x;
-    if (ctx->needs_input_grad(1)) grads[1] = grad_weight.to(weight.scalar_type());
-    if (ctx->needs_input_grad(2)) grads[2] = grad_bias.to(ctx->saved_data["bias_dtype"].toScalarType());
-    return grads;
+        op.call(grads[0], input_or_output.unpack(getptr()), optional_if_defined(weight.unpack()),
+                mean.unpack(), var.unpack(), batch_mean.unpack(), batch_var.unpack(), b.unpack(),
+                eps, exact_grad, optional_if_defined(bias.unpack()), activation, activation_param,
+                from_output);
+    if (task_should_compute_output(0)) result[0] = grad_x;
+    if (weight_dtype && task_should_compute_output(1)) result[1] = grad_weight.to(*weight_dtype);
+    if (bias_dtype && task_should_compute_output(2)) result[2] = grad_bias.to(*bias_dtype);
+    return result;
   }
 };
+
+// A new node, owned as this torch's autograd owns nodes (a shared_ptr before torch 2.13, an
+// intrusive_ptr since).
+template <typename NodeType>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>) {
+    return c10::make_intrusive<NodeType>();
+  } else {
+    return std::shared_ptr<NodeType>(new NodeType());
+  }
+}
 
 Statistics train_forward_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                   const std::optional<at::Tensor>& bias, at::Tensor& window_count,
@@ -112,11 +105,47 @@ Statistics train_forward_autograd(const at::Tensor& x, const std::optional<at::T
                                   std::string_view layer_mode, std::optional<int64_t> window,
                                   std::optional<double> momentum, bool every_micro_batch,
                                   int64_t activation, double activation_param, bool keep_output) {
-  auto outputs = TrainForward::apply(
-      x, weight, bias, window_count, window_mean, window_var, window_step, running_mean,
-      running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
-      layer_mode, window, momentum, every_micro_batch, activation, activation_param, keep_output);
-  return {outputs[0], outputs[1], outputs[2], outputs[3], outputs[4], outputs[5]};
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cmbn_ext::cmbn_train_forward", "")
+                             .typed<Statistics(const at::Tensor&, const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&, at::Tensor&,
+                                               at::Tensor&, at::Tensor&, at::Tensor&,
+                                               const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&, double,
+                                               std::optional<double>, bool, std::string_view,
+                                               std::optional<int64_t>, std::optional<double>,
+                                               bool, int64_t, double, bool)>();
+  Statistics outputs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    outputs = op.call(x, weight, bias, window_count, window_mean, window_var, window_step,
+                      running_mean, running_var, num_batches_tracked, eps, ema_momentum, exact_grad,
+                      layer_mode, window, momentum, every_micro_batch, activation, activation_param,
+                      keep_output);
+  }
+  if (!torch::autograd::compute_requires_grad(x, weight, bias)) return outputs;
+  auto& [y, mean, var, batch_mean, batch_var, b] = outputs;
+  auto node = make_node<TrainForwardBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
+  node->weight = SavedVariable(defined_or_empty(weight), false);
+  node->bias = SavedVariable(defined_or_empty(bias), false);
+  node->mean = SavedVariable(mean, false);
+  node->var = SavedVariable(var, false);
+  node->batch_mean = SavedVariable(batch_mean, false);
+  node->batch_var = SavedVariable(batch_var, false);
+  node->b = SavedVariable(b, false);
+  node->eps = eps;
+  node->exact_grad = exact_grad;
+  node->activation = activation;
+  node->activation_param = activation_param;
+  node->from_output = keep_output;
+  if (weight.has_value() && weight->defined()) node->weight_dtype = weight->scalar_type();
+  if (bias.has_value() && bias->defined()) node->bias_dtype = bias->scalar_type();
+  torch::autograd::set_history(y, node);
+  // Saved after set_history: an output is saved without a reference to its node (no cycle).
+  node->input_or_output = keep_output ? SavedVariable(y, true) : SavedVariable(x, false);
+  return outputs;
 }
 
 }  // namespace
