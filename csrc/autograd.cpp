@@ -128,13 +128,6 @@ Statistics train_forward_autograd(const at::Tensor& x, const std::optional<at::T
   auto& [y, mean, var, batch_mean, batch_var, b] = outputs;
   auto node = make_node<TrainForwardBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
-  node->weight = SavedVariable(defined_or_empty(weight), false);
-  node->bias = SavedVariable(defined_or_empty(bias), false);
-  node->mean = SavedVariable(mean, false);
-  node->var = SavedVariable(var, false);
-  node->batch_mean = SavedVariable(batch_mean, false);
-  node->batch_var = SavedVariable(batch_var, false);
-  node->b = SavedVariable(b, false);
   node->eps = eps;
   node->exact_grad = exact_grad;
   node->activation = activation;
@@ -143,8 +136,17 @@ Statistics train_forward_autograd(const at::Tensor& x, const std::optional<at::T
   if (weight.has_value() && weight->defined()) node->weight_dtype = weight->scalar_type();
   if (bias.has_value() && bias->defined()) node->bias_dtype = bias->scalar_type();
   torch::autograd::set_history(y, node);
-  // Saved after set_history: an output is saved without a reference to its node (no cycle).
+  // Saved after set_history (an output is saved without a reference to its node: no cycle), and in
+  // the order of CrossMiniBatchNormFunction, which recomputes this forward under non-reentrant
+  // activation checkpointing and must save the same tensors in the same order.
   node->input_or_output = keep_output ? SavedVariable(y, true) : SavedVariable(x, false);
+  node->weight = SavedVariable(defined_or_empty(weight), false);
+  node->bias = SavedVariable(defined_or_empty(bias), false);
+  node->mean = SavedVariable(mean, false);
+  node->var = SavedVariable(var, false);
+  node->batch_mean = SavedVariable(batch_mean, false);
+  node->batch_var = SavedVariable(batch_var, false);
+  node->b = SavedVariable(b, false);
   return outputs;
 }
 
