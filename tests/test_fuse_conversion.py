@@ -236,7 +236,7 @@ def test_a_layer_pickled_before_activations_loads(norm_act):
     (timm's counterpart: its act, as before)."""
     from cmbn_ext.norm_act import CrossMiniBatchNormAct2d
     cls = CrossMiniBatchNormAct2d if norm_act else cmbn_ext.CrossMiniBatchNorm2d
-    layer = cls(4)
+    layer = cls(4, window=1)
     state = layer.__dict__.copy()
     for name in ("_activation", "_activation_module", "_lean", "_memory", "_lean_check", "_activation_slot",
                  "_fuse_activation", "_act_fused", "_fused_for"):
