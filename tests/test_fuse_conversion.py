@@ -109,7 +109,9 @@ def test_lean_conversion_of_residual_models_with_in_place_additions(name, option
     original = getattr(torchvision.models, name)(num_classes=10, **options).double()
     converted = cmbn_ext.convert_batchnorm(copy.deepcopy(original), window=1, fuse_activation=True,
                                            memory="lean")
-    assert_same_function(converted, original, torch.randn(2, 3, 32, 32, dtype=torch.float64), rtol=1e-7,
+    # 64x64: the last stage still sees 2 x 2 x 2 values per channel (at 1 x 1 two values per channel
+    # leave a backward of pure rounding noise, which no two implementations share)
+    assert_same_function(converted, original, torch.randn(2, 3, 64, 64, dtype=torch.float64), rtol=1e-7,
                          atol=1e-9)
 
 
