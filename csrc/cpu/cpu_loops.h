@@ -29,9 +29,19 @@ struct VecIO {
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kSize = Vec::size();
 
+  // Half and BFloat16 convert in registers in the avx2 build (F16C, and bf16's upper half of fp32),
+  // rounding to nearest even as c10's scalar conversions do (the builds' bits differ only in NaN
+  // payloads); elsewhere value by value.
   static Vec load(const scalar_t* p) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return Vec::loadu(p);
+#ifdef CPU_CAPABILITY_AVX2
+    } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      return Vec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+#endif
     } else {
       acc_t wide[kSize];
       for (int64_t i = 0; i < kSize; ++i) wide[i] = static_cast<acc_t>(p[i]);
@@ -42,6 +52,21 @@ struct VecIO {
   static void store(scalar_t* p, const Vec& v) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       v.store(p);
+#ifdef CPU_CAPABILITY_AVX2
+    } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                       _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      // c10::BFloat16(float): (bits + 0x7fff + lsb) >> 16, NaN as 0x7fc0.
+      const __m256i bits = _mm256_castps_si256(__m256(v));
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      __m256i rounded = _mm256_srli_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256 nan = _mm256_cmp_ps(__m256(v), __m256(v), _CMP_UNORD_Q);
+      rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xd8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#endif
     } else {
       acc_t wide[kSize];
       v.store(wide);
