@@ -29,9 +29,19 @@ struct VecIO {
   using Vec = at::vec::Vectorized<acc_t>;
   static constexpr int64_t kSize = Vec::size();
 
+  // Half and BFloat16 convert in registers in the avx2 build (F16C, and bf16's upper half of fp32),
+  // rounding to nearest even as c10's scalar conversions do (the builds' bits differ only in NaN
+  // payloads); elsewhere value by value.
   static Vec load(const scalar_t* p) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return Vec::loadu(p);
+#ifdef CPU_CAPABILITY_AVX2
+    } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      return Vec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16)));
+#endif
     } else {
       acc_t wide[kSize];
       for (int64_t i = 0; i < kSize; ++i) wide[i] = static_cast<acc_t>(p[i]);
@@ -42,6 +52,21 @@ struct VecIO {
   static void store(scalar_t* p, const Vec& v) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       v.store(p);
+#ifdef CPU_CAPABILITY_AVX2
+    } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                       _mm256_cvtps_ph(__m256(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      // c10::BFloat16(float): (bits + 0x7fff + lsb) >> 16, NaN as 0x7fc0.
+      const __m256i bits = _mm256_castps_si256(__m256(v));
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+      __m256i rounded = _mm256_srli_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256 nan = _mm256_cmp_ps(__m256(v), __m256(v), _CMP_UNORD_Q);
+      rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
+      const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xd8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#endif
     } else {
       acc_t wide[kSize];
       v.store(wide);
@@ -1022,12 +1047,15 @@ void backward_planes(const BackwardCall<scalar_t, acc_t>& call) {
 }
 
 // backward_rows through an activation: the same chunks and order, g and u (ActivationGrad) in place
-// of dy and x - batch_mean, from per-channel vectors of GradChannel's values.
+// of dy and x - batch_mean, from per-channel vectors of GradChannel's values. Up to four rows a
+// sweep, so that the per-channel vectors and sums are loaded once per four rows (each channel still
+// in row order).
 template <typename scalar_t, typename acc_t>
 void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
   using IO = VecIO<scalar_t, acc_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
+  constexpr int64_t kSweep = 4;
   const Layout& L = call.layout;
   const int64_t C = L.channels;
   const int64_t rows = L.outer;
@@ -1049,12 +1077,8 @@ void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
   const acc_t* shift = scale + C;
   const acc_t* bm = shift + C;
   const acc_t* inv_weight = bm + C;
-  const auto g_and_u = [&](const scalar_t* dy, const scalar_t* s, int64_t c, Vec& g, Vec& u) {
-    act.vec(IO::load(dy + c), IO::load(s + c), Vec::loadu(center + c), Vec::loadu(scale + c),
-            Vec::loadu(shift + c), Vec::loadu(bm + c), Vec::loadu(inv_weight + c), g, u);
-  };
-
   acc_t* kept = kept_in(act, call.grad_x);
+
   const int64_t chunk_rows = rows_per_chunk(rows);
   const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
   std::vector<acc_t> partial(static_cast<size_t>(chunks * 2 * C));
@@ -1064,24 +1088,39 @@ void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
       acc_t* acc_gu = acc_g + C;
       std::fill(acc_g, acc_g + 2 * C, acc_t(0));
       const int64_t row_end = std::min(rows, (k + 1) * chunk_rows);
-      for (int64_t r = k * chunk_rows; r < row_end; ++r) {
-        const scalar_t* dy = call.grad_y + r * C;
-        const scalar_t* s = call.x + r * C;
-        acc_t* keep = kept != nullptr ? kept + r * C : nullptr;
+      for (int64_t r0 = k * chunk_rows; r0 < row_end; r0 += kSweep) {
+        const int64_t sweep = std::min(kSweep, row_end - r0);
         int64_t c = 0;
         for (; c + K <= C; c += K) {
-          Vec g, u;
-          g_and_u(dy, s, c, g, u);
-          if (keep != nullptr) ActivationGrad<acc_t>::kept_one(g, u, act.from_output).store(keep + c);
-          (Vec::loadu(acc_g + c) + g).store(acc_g + c);
-          (Vec::loadu(acc_gu + c) + g * u).store(acc_gu + c);
+          const Vec vcenter = Vec::loadu(center + c), vscale = Vec::loadu(scale + c),
+                    vshift = Vec::loadu(shift + c), vbm = Vec::loadu(bm + c),
+                    vinv = Vec::loadu(inv_weight + c);
+          Vec a_g = Vec::loadu(acc_g + c);
+          Vec a_gu = Vec::loadu(acc_gu + c);
+          for (int64_t i = 0; i < sweep; ++i) {
+            const int64_t at = (r0 + i) * C + c;
+            Vec g, u;
+            act.vec(IO::load(call.grad_y + at), IO::load(call.x + at), vcenter, vscale, vshift, vbm,
+                    vinv, g, u);
+            if (kept != nullptr) {
+              ActivationGrad<acc_t>::kept_one(g, u, act.from_output).store(kept + at);
+            }
+            a_g = a_g + g;
+            a_gu = a_gu + g * u;
+          }
+          a_g.store(acc_g + c);
+          a_gu.store(acc_gu + c);
         }
         for (; c < C; ++c) {
-          acc_t g, u;
-          act.scalar(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), channel[c], g, u);
-          if (keep != nullptr) keep[c] = act.from_output ? u : g;
-          acc_g[c] += g;
-          acc_gu[c] += g * u;
+          for (int64_t i = 0; i < sweep; ++i) {
+            const int64_t at = (r0 + i) * C + c;
+            acc_t g, u;
+            act.scalar(static_cast<acc_t>(call.grad_y[at]), static_cast<acc_t>(call.x[at]),
+                       channel[c], g, u);
+            if (kept != nullptr) kept[at] = act.from_output ? u : g;
+            acc_g[c] += g;
+            acc_gu[c] += g * u;
+          }
         }
       }
     }
@@ -1102,34 +1141,43 @@ void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
     coef_xc[c] = k.coef_xc;
     constant[c] = k.constant;
   }
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  const int64_t grain = std::max<int64_t>(kSweep, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* dy = call.grad_y + r * C;
-      const scalar_t* s = call.x + r * C;
-      scalar_t* out = call.grad_x + r * C;
-      const acc_t* keep = kept != nullptr ? kept + r * C : nullptr;  // read before out overwrites it
+    for (int64_t r0 = begin; r0 < end; r0 += kSweep) {
+      const int64_t sweep = std::min(kSweep, end - r0);
       int64_t c = 0;
       for (; c + K <= C; c += K) {
-        Vec g, u;
-        if (keep != nullptr) {
-          act.vec_from_kept(IO::load(dy + c), IO::load(s + c), Vec::loadu(keep + c),
-                            Vec::loadu(bm + c), g, u);
-        } else {
-          g_and_u(dy, s, c, g, u);
+        const Vec vcenter = Vec::loadu(center + c), vscale = Vec::loadu(scale + c),
+                  vshift = Vec::loadu(shift + c), vbm = Vec::loadu(bm + c),
+                  vinv = Vec::loadu(inv_weight + c);
+        const Vec vconst = Vec::loadu(constant + c), vxc = Vec::loadu(coef_xc + c),
+                  vdy = Vec::loadu(coef_dy + c);
+        for (int64_t i = 0; i < sweep; ++i) {
+          const int64_t at = (r0 + i) * C + c;
+          const Vec dy = IO::load(call.grad_y + at);
+          const Vec s = IO::load(call.x + at);
+          Vec g, u;
+          if (kept != nullptr) {  // read before grad_x, the same memory, is written
+            act.vec_from_kept(dy, s, Vec::loadu(kept + at), vbm, g, u);
+          } else {
+            act.vec(dy, s, vcenter, vscale, vshift, vbm, vinv, g, u);
+          }
+          IO::store(call.grad_x + at, (vconst + u * vxc) + g * vdy);
         }
-        IO::store(out + c, (Vec::loadu(constant + c) + u * Vec::loadu(coef_xc + c)) +
-                               g * Vec::loadu(coef_dy + c));
       }
       for (; c < C; ++c) {
-        acc_t g, u;
-        if (keep != nullptr) {
-          act.scalar_from_kept(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), keep[c],
-                               channel[c], g, u);
-        } else {
-          act.scalar(static_cast<acc_t>(dy[c]), static_cast<acc_t>(s[c]), channel[c], g, u);
+        for (int64_t i = 0; i < sweep; ++i) {
+          const int64_t at = (r0 + i) * C + c;
+          const acc_t dy = static_cast<acc_t>(call.grad_y[at]);
+          const acc_t s = static_cast<acc_t>(call.x[at]);
+          acc_t g, u;
+          if (kept != nullptr) {
+            act.scalar_from_kept(dy, s, kept[at], channel[c], g, u);
+          } else {
+            act.scalar(dy, s, channel[c], g, u);
+          }
+          call.grad_x[at] = static_cast<scalar_t>((constant[c] + u * coef_xc[c]) + g * coef_dy[c]);
         }
-        out[c] = static_cast<scalar_t>((constant[c] + u * coef_xc[c]) + g * coef_dy[c]);
       }
     }
   });
