@@ -343,6 +343,7 @@ def occupancy_setter(table, fallback, instantiations):
 
 def load_emulated_kernels(sms):
     os.environ["CMBN_EMULATED_KERNELS"] = "1"
+    os.environ["CMBN_DISABLE_KERNELS"] = "1"  # the emulated kernels are this process's CPU kernels
     os.environ["CMBN_EMULATED_SMS"] = str(sms)
     sys.path[:0] = [os.path.join(REPO, "tests"), REPO, HERE]
     import cmbn_ext  # noqa: F401  (defines the ops the emulated kernels then serve)
