@@ -218,7 +218,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
             the weight is assumed large enough and the op takes ``LEAN_MIN_WEIGHT`` in place of a
             smaller magnitude. Code that changes the layer's output in place (``out += identity``)
             makes a lean layer's backward raise: use ``"standard"`` there. In fp16/bf16 the
-            reconstruction rounds the output's error into the gradients (see docs/memory.md).
+            reconstruction rounds the output's error into the gradients, and an ELU layer keeps its
+            input (a half ELU output far below zero cannot be inverted; see docs/memory.md).
 
     With a ``process_group`` the activation is applied after the layer's op, unfused, and the
     backward keeps the input whatever ``memory`` says.
@@ -360,6 +361,9 @@ class _CrossMiniBatchNorm(_BatchNorm):
         self._activation = (code, param)  # the ops' two arguments, read per call
         self.__dict__["_activation_module"] = module
         self._lean = self._memory == "lean" and activations.invertible(code, param)
+        # An fp16/bf16 ELU output rounds to -alpha for z below about -8 (fp16) or -5.5 (bf16), where
+        # no z can be recovered from it: half-precision input keeps its input instead.
+        self._lean_in_half = code != activations.ELU
 
     def _apply(self, fn, *args, **kwargs):
         # .half() / .to(bfloat16) move the window state but keep it in fp32: the history must not be
@@ -406,7 +410,8 @@ class _CrossMiniBatchNorm(_BatchNorm):
             self._check_more_than_one_value(x, self._normalization_history(history)[0])
         params = self._parameters  # dict lookups: nn.Module attribute access costs host time per call
         weight = params["weight"]
-        keep_output = self._lean and self._weight_allows_lean(weight)
+        keep_output = (self._lean and (self._lean_in_half or x.dtype not in HALF_DTYPES)
+                       and self._weight_allows_lean(weight))
         if recomputed:  # the first run of this micro-batch updated the state already
             return CrossMiniBatchNormFunction.apply(
                 x, weight, params["bias"], *self._normalization_history(history), self.eps,

@@ -157,6 +157,20 @@ def test_lean_keeps_the_output_standard_the_input():
         assert kept in saved and other not in saved, (memory, activation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lean_elu_in_half_precision_keeps_the_input(dtype):
+    """A half ELU output rounds to -alpha far below zero, where no input can be recovered from it (the
+    gradients would be NaN): half-precision input keeps its input; LeakyReLU keeps its output."""
+    x = (torch.randn(2, 4, 3, 3) * 4 - 6).to(dtype).requires_grad_()
+    for activation, keeps_output in (("elu", False), ("leaky_relu", True)):
+        layer = random_affine(cmbn_ext.CrossMiniBatchNorm2d(4, activation=activation, memory="lean"))
+        y, saved = saved_storages(lambda: layer(x))
+        assert (y.untyped_storage().data_ptr() in saved) == keeps_output, activation
+        assert (x.untyped_storage().data_ptr() in saved) != keeps_output, activation
+        grads = torch.autograd.grad(y, [x, layer.weight, layer.bias], torch.randn_like(y))
+        assert all(bool(g.isfinite().all()) for g in grads), activation
+
+
 @pytest.mark.parametrize("slope", [0.001, 0.01, 0.1])
 def test_lean_reconstruction_with_small_slopes(slope):
     """fp32: the backward from the output (dividing negative outputs by the slope) stays close to
