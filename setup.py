@@ -1,15 +1,16 @@
 """Builds the ``cmbn_ext`` package with its compiled kernels (``cmbn_ext._C``) where they can be built.
 
-``_C`` holds the CPU kernels (csrc/cpu/), the op's autograd in C++ (csrc/autograd.cpp) and, where
-they build, the CUDA kernels (csrc/*.cu and their launchers). The CPU kernels are compiled whenever
-torch and a C++ compiler are present; ``CMBN_BUILD_CPU=0`` leaves them out (CPU tensors then take the
-pure-PyTorch reference). ``CMBN_BUILD_CUDA=1`` compiles the CUDA kernels even without a GPU (they need
-nvcc and a CUDA build of torch); ``CMBN_BUILD_CUDA=0`` never compiles them; unset, they are built when a
-GPU is visible. ``TORCH_CUDA_ARCH_LIST`` picks the architectures; unset, the build compiles for the
-architectures of the visible GPUs (as torch's extension builder does), or, with none visible, for every
-architecture the installed nvcc compiles for from 7.0 to 9.0, plus PTX for 9.0 that newer GPUs compile
-when they load it (``cuda_arch_list``). The choice is printed. With both switches at 0 nothing is
-compiled: the pure-PyTorch package.
+``_C`` holds the CPU kernels (csrc/cpu/), the op's autograd in C++ (csrc/autograd.cpp) and, where they
+build, the CUDA kernels and their launchers (csrc/cuda/); both families share the headers in csrc/
+itself. The CPU kernels are compiled whenever torch and a C++ compiler are present;
+``CMBN_BUILD_CPU=0`` leaves them out (CPU tensors then take the pure-PyTorch reference).
+``CMBN_BUILD_CUDA=1`` compiles the CUDA kernels even without a GPU (they need nvcc and a CUDA build of
+torch); ``CMBN_BUILD_CUDA=0`` never compiles them; unset, they are built when a GPU is visible.
+``TORCH_CUDA_ARCH_LIST`` picks the architectures; unset, the build compiles for the architectures of
+the visible GPUs (as torch's extension builder does), or, with none visible, for every architecture the
+installed nvcc compiles for from 7.0 to 9.0, plus PTX for 9.0 that newer GPUs compile when they load it
+(``cuda_arch_list``). The choice is printed. With both switches at 0 nothing is compiled: the
+pure-PyTorch package.
 
 The kernels compile against the torch already installed, which pip's build isolation hides (it builds
 in a fresh environment with only the build requirements): ``pip install --no-build-isolation -e .``
@@ -118,10 +119,8 @@ def cpu_sources():
 
 
 def cuda_sources():
-    """The CUDA kernels, their launchers and their registration: every source in csrc/ itself but the
-    common ones."""
-    sources = glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")
-    return sorted(source for source in sources if source not in COMMON_SOURCES)
+    """The CUDA kernels, their launchers and their registration."""
+    return sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
 
 
 def _torch_importable():

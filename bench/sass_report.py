@@ -1,10 +1,10 @@
 """What the compiler made of the CUDA kernels: registers, spills, shared memory and global memory
-instructions of every kernel in csrc/, read from the SASS for one architecture, with the blocks per SM
+instructions of every kernel in csrc/cuda/, read from the SASS for one architecture, with the blocks per SM
 those resources allow (a model) and a check that the channels_last kernels store whole 16-byte packs.
 
     python bench/sass_report.py [--out bench/results] [--arch sm_90] [--jobs N] [--csrc DIR | --rev REV]
 
-Each csrc/*.cu is compiled to a cubin with nvcc and the flags the package build uses (setup.py's
+Each csrc/cuda/*.cu is compiled to a cubin with nvcc and the flags the package build uses (setup.py's
 -O3 -lineinfo plus torch's extension flags), then read with cuobjdump (-res-usage, -sass), nvdisasm
 (line information: which source line each store comes from) and ptxas' own report (spill bytes).
 Results go to ``<out>/sass-<arch>.json`` and ``.md`` (sass-sm90.*). Needs nvcc, a CUDA build of torch
@@ -385,16 +385,23 @@ def export_revision(rev, destination):
     return os.path.join(destination, "csrc")
 
 
+def kernel_sources(csrc):
+    """The files the CUDA kernels compile from: csrc/cuda/ and the shared files of csrc/ itself (never
+    csrc/cpu/, the CPU kernels), sorted."""
+    folders = (csrc, os.path.join(csrc, "cuda"))
+    return sorted(path for folder in folders for path in glob.glob(os.path.join(folder, "*"))
+                  if path.endswith((".cu", ".cuh", ".h", ".cpp")))
+
+
 def sources_digest(csrc):
-    """The first 12 hex digits of a SHA-256 over the kernel sources (names and contents, sorted): tells
-    which state of a changing csrc/ a report read."""
+    """The first 12 hex digits of a SHA-256 over the kernel sources (paths under csrc/ and contents,
+    sorted): tells which state of a changing csrc/ a report read."""
     import hashlib
     digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(csrc, "*"))):
-        if path.endswith((".cu", ".cuh", ".h", ".cpp")):
-            digest.update(os.path.basename(path).encode() + b"\0")
-            with open(path, "rb") as f:
-                digest.update(f.read())
+    for path in kernel_sources(csrc):
+        digest.update(os.path.relpath(path, csrc).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()[:12]
 
 
@@ -417,7 +424,7 @@ def _output(*command):
 
 
 def analyse(csrc, arch, jobs, work_dir):
-    """Compile every csrc/*.cu and read each kernel's resources; returns the report document."""
+    """Compile every csrc/cuda/*.cu and read each kernel's resources; returns the report document."""
     import torch
     home = cuda_home()
     nvcc = os.path.join(home, "bin", "nvcc") if home else None
@@ -425,11 +432,11 @@ def analyse(csrc, arch, jobs, work_dir):
     nvdisasm = find_tool("nvdisasm", home or "/usr/local/cuda")
     if not nvcc or not cuobjdump:
         raise SystemExit(f"sass_report: needs nvcc (found {nvcc}) and cuobjdump (found {cuobjdump})")
-    sources = sorted(glob.glob(os.path.join(csrc, "*.cu")))
+    sources = [path for path in kernel_sources(csrc) if path.endswith(".cu")]
     if not sources:
-        raise SystemExit(f"sass_report: no .cu files in {csrc}")
+        raise SystemExit(f"sass_report: no .cu files in {os.path.join(csrc, 'cuda')}")
     texts = {os.path.basename(p): open(p).read()
-             for p in glob.glob(os.path.join(csrc, "*")) if p.endswith((".cu", ".cuh", ".h"))}
+             for p in kernel_sources(csrc) if p.endswith((".cu", ".cuh", ".h"))}
     enums = parse_enums(texts)
     layouts = enums.get("Layout", ["kPlanes", "kRows"])
     store_lines, load_lines = pack_lines(texts, "store_pack"), pack_lines(texts, "load_pack")

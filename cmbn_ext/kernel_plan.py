@@ -19,7 +19,7 @@ import torch
 from . import ops  # noqa: F401  (defines the op)
 
 _PATHS = ("two_pass", "single_read")
-_LAYOUTS = ("planes", "rows", "planes_masked")  # the order of Layout in csrc/kernel_types.h
+_LAYOUTS = ("planes", "rows", "planes_masked")  # the order of Layout in csrc/layout.h
 
 
 def kernel_plan(x, backward=False):

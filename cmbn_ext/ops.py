@@ -73,7 +73,7 @@ _lib.define("cmbn_kernel_plan(Tensor x, bool backward) -> int[]")
 # Whether the compiled kernels run on x's device (has_cuda_kernels): they hold an image for its GPU.
 _lib.define("cmbn_kernel_image(Tensor x) -> bool")
 # The reference under names of its own: the compiled library calls cmbn_ext_reference::<op> for the
-# tensors of a GPU it holds no kernel image for (csrc/register_cuda.cpp).
+# tensors of a GPU it holds no kernel image for (csrc/cuda/register_cuda.cpp).
 _reference_lib = torch.library.Library("cmbn_ext_reference", "DEF")
 for _name, _schema in SCHEMAS.items():
     _reference_lib.define(_name + _schema)

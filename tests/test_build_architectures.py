@@ -93,7 +93,7 @@ def _cuda_home():
 
 
 def test_a_kernel_unit_compiles_for_the_oldest_architecture(setup_py, tmp_path):
-    """cmbn_forward.cu (the single-read and two-pass forward kernels, and the device helpers the
+    """cuda/forward.cu (the single-read and two-pass forward kernels, and the device helpers the
     backward shares) compiled to SASS for the oldest architecture of the default list, with the
     package's flags; without optimization it takes about half a minute."""
     pytest.importorskip("torch")
@@ -108,7 +108,7 @@ def test_a_kernel_unit_compiles_for_the_oldest_architecture(setup_py, tmp_path):
     flags += ["-Xcicc", "-O0", "-Xptxas", "-O0"]  # every kernel still compiled, in half the time
     command = [os.path.join(home, "bin", "nvcc"), "--cubin", *flags,
                *(f"-I{d}" for d in sass_report.include_dirs(str(ROOT / "csrc"), home)),
-               str(ROOT / "csrc" / "cmbn_forward.cu"), "-o", str(tmp_path / "forward.cubin")]
+               str(ROOT / "csrc" / "cuda" / "forward.cu"), "-o", str(tmp_path / "forward.cubin")]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{arch}: {result.stderr[-4000:]}"
     assert (tmp_path / "forward.cubin").stat().st_size > 0

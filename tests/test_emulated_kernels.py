@@ -1,8 +1,8 @@
-"""The CUDA kernels on the CPU: csrc/ compiled against an emulated CUDA runtime (tests/emulation), with
-AddressSanitizer where the compiler has it, runs the kernels' own tests (test_cuda_kernels.py) and the
-layer tests with the kernels serving CPU tensors. So every test run checks the kernels' indexing,
-reductions, math and memory accesses, and their use by the layers, with or without a GPU.
-tests/emulation/README.md says how, and what the emulation cannot see.
+"""The CUDA kernels on the CPU: csrc/cuda/ compiled against an emulated CUDA runtime
+(tests/emulation), with AddressSanitizer where the compiler has it, runs the kernels' own tests
+(test_cuda_kernels.py) and the layer tests with the kernels serving CPU tensors. So every test run
+checks the kernels' indexing, reductions, math and memory accesses, and their use by the layers,
+with or without a GPU. tests/emulation/README.md says how, and what the emulation cannot see.
 
 Each group runs in a process of its own: there the emulated kernels replace the reference for CPU
 tensors, which no other test may see. The groups run quickest first, so `-x` stops early, and

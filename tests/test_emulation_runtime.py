@@ -1,6 +1,6 @@
 """The emulated CUDA runtime itself (tests/emulation): its cooperative launches, grid barrier,
 occupancy query and launch counts, on a small CUDA program (tests/emulation/runtime_check.cu) that
-goes through translate.py and the host compiler as csrc/ does. A grid barrier the emulation did not
+goes through translate.py and the host compiler as csrc/cuda/ does. A grid barrier the emulation did not
 honour, or shared memory one block took from another, would pass the kernel tests unnoticed where
 the kernels happen not to depend on it; here each is checked against a closed-form sum.
 
@@ -171,10 +171,14 @@ def test_translate_rewrites_cooperative_launches():
 
 
 def test_the_cpu_kernels_stay_out_of_the_emulated_build(tmp_path):
-    """The emulated build translates csrc/ itself (the CUDA kernels, their launchers, the C++
-    autograd), never csrc/cpu/: in its processes the emulated kernels are the CPU's kernels."""
-    units = {os.path.basename(unit) for unit in translate.translate_tree(emulation.CSRC, str(tmp_path))}
-    cpu_kernels = {name for name in os.listdir(os.path.join(emulation.CSRC, "cpu"))
-                   if name.endswith(".cpp")}
-    assert {"register_cuda.cpp", "autograd.cpp"} <= units
-    assert cpu_kernels and not units & cpu_kernels, units & cpu_kernels
+    """The emulated build translates csrc/cuda/ (the CUDA kernels, their launchers) and the shared
+    files of csrc/ (the C++ autograd, the headers), never csrc/cpu/: in its processes the emulated
+    kernels are the CPU's kernels."""
+    units = translate.translate_tree(emulation.SOURCE_DIRS, str(tmp_path))
+    names = {os.path.basename(unit) for unit in units}
+    assert {"register_cuda.cpp", "autograd.cpp", "forward.cpp", "backward.cpp"} <= names
+    assert "register_cpu.cpp" not in names and "cpu_loops_avx2.cpp" not in names
+    for unit in units:  # forward.cpp and backward.cpp are the translated .cu files, not the CPU's
+        with open(unit) as text:
+            assert "namespace cpu" not in text.read(), unit
+    assert os.path.join(emulation.CSRC, "cpu") not in emulation.SOURCE_DIRS

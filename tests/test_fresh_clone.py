@@ -80,8 +80,12 @@ def test_a_cuda_build_adds_the_cuda_kernels(setup_with_torch, monkeypatch, cpu):
     monkeypatch.setenv("CMBN_BUILD_CPU", cpu)
     (extension,), _ = setup_with_torch.extension()
     sources = _sources(extension)
-    assert {"csrc/register_cuda.cpp", "csrc/autograd.cpp", "csrc/cmbn_forward.cu"} <= sources
-    assert ("csrc/cpu/register_cpu.cpp" in sources) is (cpu == "1")
+    cuda = {f"csrc/cuda/{path.name}" for pattern in ("*.cpp", "*.cu")
+            for path in (ROOT / "csrc" / "cuda").glob(pattern)}
+    assert {"csrc/cuda/register_cuda.cpp", "csrc/cuda/forward.cu"} <= cuda
+    cpu_sources = {f"csrc/cpu/{path.name}" for path in (ROOT / "csrc" / "cpu").glob("*.cpp")}
+    common = {"csrc/autograd.cpp", "csrc/python_module.cpp"}
+    assert sources == cuda | common | (cpu_sources if cpu == "1" else set())
 
 
 def test_the_demo_writes_where_git_does_not_track():

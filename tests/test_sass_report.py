@@ -229,7 +229,7 @@ def test_whole_report(tmp_path):
     assert sass_report.main(["--out", str(tmp_path), "--jobs", "2"]) == 0
     document = json.loads((tmp_path / "sass-sm90.json").read_text())
     kernels = document["kernels"]
-    assert {k["kernel"].split("<")[0] for k in kernels} == _global_kernels(os.path.join(REPO, "csrc"))
+    assert {k["kernel"].split("<")[0] for k in kernels} == _global_kernels(os.path.join(REPO, "csrc", "cuda"))
     for k in kernels:
         assert 0 < k["registers"] <= 255 and k["occupancy_model"]["blocks"] >= 1, k
         assert k["spill_store_bytes"] is not None and sum(k["global_stores"].values()) > 0, k

@@ -80,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cpu(
     const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
     bool from_output) {
   const char* op = "cmbn_backward";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CPU);
   check_grad_y(op, grad_y, x);
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
               x.scalar_type(), "), got ", grad_y.scalar_type());
@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
       GradParams<acc_t> params =
-          grad_params<acc_t>(saved, eps, exact_grad, work.layout.values_per_channel());
+          grad_params<acc_t>(saved, eps, exact_grad, work.info.values_per_channel());
       params.grad_weight = grad_weight.mutable_data_ptr<acc_t>();
       params.grad_bias = grad_bias.mutable_data_ptr<acc_t>();
       params.bias = data_or_null<acc_t>(bias_c);
@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cpu(
       // The sums land in the parameter gradients' buffers first; dx_coefficients then overwrites
       // each channel's with its gradient after reading it.
       BackwardCall<scalar_t, acc_t> call{};
-      call.layout = work.layout;
+      call.info = work.info;
       call.grad_y = grad_y_work.const_data_ptr<scalar_t>();
       call.x = work.x.const_data_ptr<scalar_t>();
       call.grad_x = work.out.mutable_data_ptr<scalar_t>();
@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> cmbn_backward_sums_cpu(const at::Tensor& grad
                                                           const at::Tensor& x,
                                                           const at::Tensor& batch_mean) {
   const char* op = "cmbn_backward_sums";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CPU);
   check_grad_y(op, grad_y, x);
   check_channel_vector(op, batch_mean, "batch_mean", x);
   const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
@@ -155,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> cmbn_backward_sums_cpu(const at::Tensor& grad
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_sums_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     BackwardCall<scalar_t, acc_t> call{};
-    call.layout = readable_x.layout;
+    call.info = readable_x.info;
     call.grad_y = grad_y_work.const_data_ptr<scalar_t>();
     call.x = readable_x.x.const_data_ptr<scalar_t>();
     call.batch_mean = batch_mean_c.const_data_ptr<acc_t>();
@@ -173,7 +173,7 @@ at::Tensor cmbn_backward_dx_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xc,
                                 const at::Tensor& count, double eps, bool exact_grad) {
   const char* op = "cmbn_backward_dx";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CPU);
   check_grad_y(op, grad_y, x);
   const SavedStatistics saved = saved_statistics(op, x, weight, mean, var, batch_mean, batch_var, b);
   check_channel_vector(op, sum_dy, "sum_dy", x);
@@ -191,7 +191,7 @@ at::Tensor cmbn_backward_dx_cpu(const at::Tensor& grad_y, const at::Tensor& x,
     using acc_t = acc_type<scalar_t>;
     const GradParams<acc_t> params = grad_params<acc_t>(saved, eps, exact_grad, values);
     BackwardCall<scalar_t, acc_t> call{};
-    call.layout = work.layout;
+    call.info = work.info;
     call.grad_y = grad_y_work.const_data_ptr<scalar_t>();
     call.x = work.x.const_data_ptr<scalar_t>();
     call.grad_x = work.out.mutable_data_ptr<scalar_t>();

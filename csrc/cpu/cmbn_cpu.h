@@ -60,7 +60,8 @@ void cmbn_update_state_cpu(at::Tensor& window_count, at::Tensor& window_mean, at
                            std::string_view layer_mode, std::optional<int64_t> window,
                            std::optional<double> momentum, bool every_micro_batch);
 
-// The same with m known on the host (cmbn_train_forward's, from x's shape): no count tensor to make.
+// The same with m known on the host (cmbn_train_forward's, from x's shape: train_forward.h):
+// no count tensor to make.
 void cmbn_update_state_host_count_cpu(
     at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
     at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
@@ -69,19 +70,5 @@ void cmbn_update_state_host_count_cpu(
     const at::Tensor& var, const at::Tensor& batch_mean, const at::Tensor& batch_var,
     std::string_view layer_mode, std::optional<int64_t> window, std::optional<double> momentum,
     bool every_micro_batch);
-
-// cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics (deferred mode
-// normalizes with no history).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cmbn_train_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& bias, at::Tensor& window_count,
-                       at::Tensor& window_mean, at::Tensor& window_var, at::Tensor& window_step,
-                       const std::optional<at::Tensor>& running_mean,
-                       const std::optional<at::Tensor>& running_var,
-                       const std::optional<at::Tensor>& num_batches_tracked, double eps,
-                       std::optional<double> ema_momentum, bool exact_grad,
-                       std::string_view layer_mode, std::optional<int64_t> window,
-                       std::optional<double> momentum, bool every_micro_batch, int64_t activation,
-                       double activation_param, bool keep_output);
 
 }  // namespace cmbn

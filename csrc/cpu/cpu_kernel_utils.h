@@ -1,7 +1,8 @@
 #pragma once
-// Shared pieces of the CPU kernels: argument checks whose messages name the argument, how the values
-// of x are laid out, per-channel vectors in the statistics' dtype, what one call of the vectorized
-// loops (cpu_loops.h) reads and writes, and which build of those loops runs.
+// Shared pieces of the CPU kernels: the count check, per-channel vectors in the statistics' dtype,
+// how the row layout is chunked, what one call of the vectorized loops (cpu_loops.h) reads and
+// writes, and which build of those loops runs. The checks and layouts the CUDA kernels share are in
+// op_checks.h and layout.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +15,8 @@
 #include <vector>
 
 #include "activation.h"
+#include "layout.h"
+#include "op_checks.h"
 
 namespace cmbn {
 namespace cpu {
@@ -22,89 +25,8 @@ namespace cpu {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-inline at::ScalarType stats_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline bool is_supported_float(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Argument checks
-
-inline void check_input(const char* op, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() >= 2, op, ": ", name, " must have shape (N, C, *), got ", x.dim(),
-              " dimension(s)");
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-}
-
-inline void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                              const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-}
-
-// A (C,) float vector on x's device (a statistic, a sum, or weight/bias).
-inline void check_channel_vector(const char* op, const at::Tensor& t, const char* name,
-                                 const at::Tensor& x) {
-  check_same_device(op, t, name, x);
-  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be a float tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (",
-              x.size(1), ",), got ", t.sizes());
-}
-
-// weight and bias may be absent (affine=False).
-inline void check_optional_channel_vector(const char* op, const std::optional<at::Tensor>& t,
-                                          const char* name, const at::Tensor& x) {
-  if (t.has_value() && t->defined()) check_channel_vector(op, *t, name, x);
-}
-
-inline void check_history(const char* op, const at::Tensor& x, const at::Tensor& count,
-                          const at::Tensor& mean, const at::Tensor& var) {
-  const int64_t channels = x.size(1);
-  TORCH_CHECK(count.scalar_type() == at::kLong, op, ": history_count must be int64, got ",
-              count.scalar_type());
-  TORCH_CHECK(count.dim() == 2 && count.size(1) == channels, op,
-              ": history_count must have shape (S, C) with C = ", channels, ", got ", count.sizes());
-  const auto check_like_count = [&](const at::Tensor& t, const char* name) {
-    check_same_device(op, t, name, x);
-    TORCH_CHECK(t.sizes() == count.sizes(), op, ": ", name, " must have the shape of history_count ",
-                count.sizes(), ", got ", t.sizes());
-  };
-  check_like_count(count, "history_count");
-  check_like_count(mean, "history_mean");
-  check_like_count(var, "history_var");
-  TORCH_CHECK(is_supported_float(mean.scalar_type()), op,
-              ": history_mean must be a float tensor, got ", mean.scalar_type());
-  TORCH_CHECK(is_supported_float(var.scalar_type()), op,
-              ": history_var must be a float tensor, got ", var.scalar_type());
-}
-
-inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x) {
-  check_same_device(op, grad_y, "grad_y", x);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x ", x.sizes(),
-              ", got ", grad_y.sizes());
-  TORCH_CHECK(is_supported_float(grad_y.scalar_type()), op, ": grad_y must be a float tensor, got ",
-              grad_y.scalar_type());
-}
-
-// An activation code of activation.h (cmbn_ext/activations.py), and, when the backward reads the
-// output (from_output), one whose output determines its input.
-inline void check_activation(const char* op, int64_t activation, double activation_param,
-                             bool from_output = false) {
-  TORCH_CHECK(activation >= 0 && activation < kActivationCount, op,
-              ": activation must be a code from 0 to ", kActivationCount - 1,
-              " (cmbn_ext.activations: identity, relu, leaky_relu, elu, silu, mish, hardswish), got ",
-              activation);
-  TORCH_CHECK(!from_output || activation_invertible(activation, activation_param), op,
-              ": from_output needs an invertible activation (identity, leaky_relu with a positive "
-              "slope, elu with a positive alpha), got activation ", activation,
-              " with activation_param ", activation_param);
-}
 
 // The value of a 0-dim (or one-element) int64 count: the whole group's values per channel.
 inline int64_t read_count(const char* op, const at::Tensor& count) {
@@ -136,86 +58,7 @@ const acc_t* data_or_null(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Layout
-
-// How x's values lie in memory: planes (N, C, inner) with inner > 1 contiguous, or rows of C channels
-// (channels_last, channels_last_3d, (N, C), or planes of one value).
-struct Layout {
-  bool rows;
-  int64_t outer;     // planes: N; rows: the number of rows
-  int64_t channels;  // C
-  int64_t inner;     // planes: values per plane; rows: 1
-  int64_t values_per_channel() const { return outer * inner; }
-};
-
-inline std::optional<Layout> describe_layout(const at::Tensor& x) {
-  const int64_t batch = x.size(0);
-  const int64_t channels = x.size(1);
-  int64_t inner = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) inner *= x.size(d);
-  if (x.is_contiguous()) {
-    if (inner <= 1 || x.numel() == 0) return Layout{true, batch * inner, channels, 1};
-    return Layout{false, batch, channels, inner};
-  }
-  // channels_last, channels_last_3d, or any (N, *, C) storage of an (N, C, *) tensor.
-  int64_t expected = 1;
-  const auto dense = [&](int64_t d) {
-    if (x.size(d) != 1 && x.stride(d) != expected) return false;
-    expected *= x.size(d);
-    return true;
-  };
-  bool rows = dense(1);
-  for (int64_t d = x.dim() - 1; rows && d >= 2; --d) rows = dense(d);
-  if (rows && dense(0)) return Layout{true, batch * inner, channels, 1};
-  return std::nullopt;
-}
-
-// Same element addresses: equal sizes, and equal strides wherever a dimension has more than one value.
-inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-// `t` in the dtype and layout of `like`: `t` itself when it already is, else a copy.
-inline at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  if (t.scalar_type() == like.scalar_type() && same_layout(t, like)) return t;
-  at::Tensor copy = at::empty_like(like);
-  copy.copy_(t);
-  return copy;
-}
-
-// Where a kernel reads x and writes out (= empty_like(x)): out itself when its layout is one the
-// kernels walk (x copied only if its strides differ), else contiguous scratch tensors whose result
-// the caller copies into out afterwards.
-struct WorkTensors {
-  at::Tensor x;
-  at::Tensor out;
-  Layout layout;
-};
-
-inline WorkTensors work_tensors(const at::Tensor& x, const at::Tensor& out) {
-  if (std::optional<Layout> layout = describe_layout(out)) {
-    return WorkTensors{with_layout_of(x, out), out, *layout};
-  }
-  at::Tensor x_contiguous = x.contiguous();
-  at::Tensor out_contiguous = at::empty_like(x_contiguous);
-  return WorkTensors{x_contiguous, out_contiguous, *describe_layout(out_contiguous)};
-}
-
-// x itself when the kernels walk its layout, else a contiguous copy (for the ops that only reduce).
-struct ReadableTensor {
-  at::Tensor x;
-  Layout layout;
-};
-
-inline ReadableTensor readable(const at::Tensor& x) {
-  if (std::optional<Layout> layout = describe_layout(x)) return ReadableTensor{x, *layout};
-  at::Tensor x_contiguous = x.contiguous();
-  return ReadableTensor{x_contiguous, *describe_layout(x_contiguous)};
-}
+// Row chunks
 
 // Rows per chunk of the row layout's reductions: a function of the shape alone (never of the thread
 // count), so every channel is summed in the same order however the chunks are spread over threads.
@@ -253,7 +96,7 @@ struct Pooling {
 // pooling null: the statistics alone (cmbn_batch_stats).
 template <typename scalar_t, typename acc_t>
 struct ForwardCall {
-  Layout layout;
+  LayoutInfo info;
   const scalar_t* x;
   scalar_t* y;
   const acc_t* given_mean;
@@ -294,7 +137,7 @@ struct GradParams {
 // alone (cmbn_backward_sums).
 template <typename scalar_t, typename acc_t>
 struct BackwardCall {
-  Layout layout;
+  LayoutInfo info;
   const scalar_t* grad_y;  // in x's layout
   const scalar_t* x;
   scalar_t* grad_x;

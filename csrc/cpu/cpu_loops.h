@@ -378,7 +378,7 @@ void two_pass_stats(const Spans& spans, int64_t count, acc_t& mean, acc_t& m2) {
 
 // Mean and biased variance of channel c of a plane layout.
 template <typename scalar_t, typename acc_t>
-void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& mean, acc_t& var) {
+void plane_channel_stats(const LayoutInfo& L, const scalar_t* x, int64_t c, acc_t& mean, acc_t& var) {
   const int64_t m = L.values_per_channel();
   if (m == 0) {  // an empty micro-batch has zero statistics (reference.batch_stats)
     mean = 0;
@@ -427,7 +427,7 @@ void plane_channel_stats(const Layout& L, const scalar_t* x, int64_t c, acc_t& m
 
 template <typename scalar_t, typename acc_t>
 void forward_planes(const ForwardCall<scalar_t, acc_t>& call) {
-  const Layout& L = call.layout;
+  const LayoutInfo& L = call.info;
   const int64_t m = L.values_per_channel();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(m, 1));
   at::parallel_for(0, L.channels, grain, [&](int64_t begin, int64_t end) {
@@ -497,7 +497,7 @@ void accumulate_rows(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, acc_t
 // Per-channel sums over the rows of a row layout: each chunk of rows into its own row of `partial`
 // (chunks x C), then the chunks added in chunk order into `total`.
 template <typename scalar_t, typename acc_t, typename VecF, typename ScalarF>
-void row_sums(const Layout& L, const scalar_t* x, acc_t* partial, acc_t* total, const VecF& f,
+void row_sums(const LayoutInfo& L, const scalar_t* x, acc_t* partial, acc_t* total, const VecF& f,
               const ScalarF& sf) {
   using IO = VecIO<scalar_t, acc_t>;
   using Vec = typename IO::Vec;
@@ -525,7 +525,7 @@ void row_sums(const Layout& L, const scalar_t* x, acc_t* partial, acc_t* total, 
 // (rows_per_chunk) is reduced block by block (about kStatsBlock values, two passes while cached) and
 // the blocks merged in order (Chan); then the chunks are merged in chunk order, in fp64.
 template <typename scalar_t, typename acc_t>
-void row_block_stats(const Layout& L, const scalar_t* x, acc_t* mean, acc_t* var) {
+void row_block_stats(const LayoutInfo& L, const scalar_t* x, acc_t* mean, acc_t* var) {
   using IO = VecIO<scalar_t, acc_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -599,7 +599,7 @@ void forward_rows(const ForwardCall<scalar_t, acc_t>& call) {
   using IO = VecIO<scalar_t, acc_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
-  const Layout& L = call.layout;
+  const LayoutInfo& L = call.info;
   const int64_t C = L.channels;
   const int64_t m = L.outer;
   const acc_t* mean = call.given_mean;
@@ -673,7 +673,7 @@ void forward_rows(const ForwardCall<scalar_t, acc_t>& call) {
 
 template <typename scalar_t, typename acc_t>
 void run_forward(const ForwardCall<scalar_t, acc_t>& call) {
-  if (call.layout.rows) {
+  if (call.info.layout == Layout::kRows) {
     forward_rows(call);
   } else {
     forward_planes(call);
@@ -995,7 +995,7 @@ struct GradSpanSums {
 
 template <typename scalar_t, typename acc_t>
 void backward_planes(const BackwardCall<scalar_t, acc_t>& call) {
-  const Layout& L = call.layout;
+  const LayoutInfo& L = call.info;
   const int64_t plane_stride = L.channels * L.inner;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(L.values_per_channel(), 1));
   // Through an activation (cmbn_backward only: the phase ops have none).
@@ -1056,7 +1056,7 @@ void activated_backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
   constexpr int64_t kSweep = 4;
-  const Layout& L = call.layout;
+  const LayoutInfo& L = call.info;
   const int64_t C = L.channels;
   const int64_t rows = L.outer;
   const GradParams<acc_t>& params = *call.params;
@@ -1188,7 +1188,7 @@ void backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
   using IO = VecIO<scalar_t, acc_t>;
   using Vec = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
-  const Layout& L = call.layout;
+  const LayoutInfo& L = call.info;
   const int64_t C = L.channels;
   const int64_t rows = L.outer;
   const acc_t* bm = call.batch_mean;
@@ -1298,7 +1298,7 @@ void backward_rows(const BackwardCall<scalar_t, acc_t>& call) {
 
 template <typename scalar_t, typename acc_t>
 void run_backward(const BackwardCall<scalar_t, acc_t>& call) {
-  if (call.layout.rows) {
+  if (call.info.layout == Layout::kRows) {
     backward_rows(call);
   } else {
     backward_planes(call);

@@ -66,15 +66,6 @@ Pooling<acc_t> make_pooling(const PoolingInputs& in, int64_t channels, double ep
   return p;
 }
 
-void check_pooling_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& history_count,
-                        const at::Tensor& history_mean, const at::Tensor& history_var) {
-  check_input(op, x, "x");
-  check_optional_channel_vector(op, weight, "weight", x);
-  check_optional_channel_vector(op, bias, "bias", x);
-  check_history(op, x, history_count, history_mean, history_var);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_forward_cpu(
@@ -85,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double activation_param) {
   (void)exact_grad;  // the forward is the same for both gradients
   const char* op = "cmbn_forward";
-  check_pooling_args(op, x, weight, bias, history_count, history_mean, history_var);
+  check_pooling_args(op, x, weight, bias, history_count, history_mean, history_var,
+                     c10::DeviceType::CPU);
   check_activation(op, activation, activation_param);
 
   const int64_t channels = x.size(1);
@@ -107,13 +99,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const Pooling<acc_t> pooling =
         make_pooling<acc_t>(in, channels, eps, ema_momentum, mean, var, current_weight);
     ForwardCall<scalar_t, acc_t> call{};
-    call.layout = work.layout;
+    call.info = work.info;
     call.x = work.x.const_data_ptr<scalar_t>();
     call.y = work.out.mutable_data_ptr<scalar_t>();
     call.batch_mean = batch_mean.mutable_data_ptr<acc_t>();
     call.batch_var = batch_var.mutable_data_ptr<acc_t>();
     call.pooling = &pooling;
-    call.count = work.layout.values_per_channel();
+    call.count = work.info.values_per_channel();
     call.activation = activation;
     call.activation_param = activation_param;
     run_forward(call);
@@ -124,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> cmbn_batch_stats_cpu(const at::Tensor& x) {
   const char* op = "cmbn_batch_stats";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CPU);
   const int64_t channels = x.size(1);
   const at::TensorOptions stat_options = x.options().dtype(stats_dtype(x.scalar_type()));
   at::Tensor batch_mean = at::empty({channels}, stat_options);
@@ -135,11 +127,11 @@ std::tuple<at::Tensor, at::Tensor> cmbn_batch_stats_cpu(const at::Tensor& x) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_batch_stats_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     ForwardCall<scalar_t, acc_t> call{};
-    call.layout = readable_x.layout;
+    call.info = readable_x.info;
     call.x = readable_x.x.const_data_ptr<scalar_t>();
     call.batch_mean = batch_mean.mutable_data_ptr<acc_t>();
     call.batch_var = batch_var.mutable_data_ptr<acc_t>();
-    call.count = readable_x.layout.values_per_channel();
+    call.count = readable_x.info.values_per_channel();
     run_forward(call);
   });
   return {batch_mean, batch_var};
@@ -151,7 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_c
     const at::Tensor& batch_var, const at::Tensor& history_count, const at::Tensor& history_mean,
     const at::Tensor& history_var, double eps, std::optional<double> ema_momentum) {
   const char* op = "cmbn_pooled_forward";
-  check_pooling_args(op, x, weight, bias, history_count, history_mean, history_var);
+  check_pooling_args(op, x, weight, bias, history_count, history_mean, history_var,
+                     c10::DeviceType::CPU);
   check_channel_vector(op, batch_mean, "batch_mean", x);
   check_channel_vector(op, batch_var, "batch_var", x);
   const int64_t values = read_count(op, count);
@@ -177,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_c
     const Pooling<acc_t> pooling =
         make_pooling<acc_t>(in, channels, eps, ema_momentum, mean, var, current_weight);
     ForwardCall<scalar_t, acc_t> call{};
-    call.layout = work.layout;
+    call.info = work.info;
     call.x = work.x.const_data_ptr<scalar_t>();
     call.y = work.out.mutable_data_ptr<scalar_t>();
     call.given_mean = given_mean.const_data_ptr<acc_t>();

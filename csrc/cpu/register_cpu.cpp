@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cmbn_cpu.h"
+#include "train_forward.h"
 
 TORCH_LIBRARY_IMPL(cmbn_ext, CPU, m) {
   m.impl("cmbn_forward", TORCH_FN(cmbn::cmbn_forward_cpu));
@@ -12,5 +13,7 @@ TORCH_LIBRARY_IMPL(cmbn_ext, CPU, m) {
   m.impl("cmbn_backward_sums", TORCH_FN(cmbn::cmbn_backward_sums_cpu));
   m.impl("cmbn_backward_dx", TORCH_FN(cmbn::cmbn_backward_dx_cpu));
   m.impl("cmbn_update_state", TORCH_FN(cmbn::cmbn_update_state_cpu));
-  m.impl("cmbn_train_forward", TORCH_FN(cmbn::cmbn_train_forward_cpu));
+  m.impl("cmbn_train_forward",
+         TORCH_FN((cmbn::train_forward<&cmbn::cmbn_forward_cpu,
+                                       &cmbn::cmbn_update_state_host_count_cpu>)));
 }

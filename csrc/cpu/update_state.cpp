@@ -10,24 +10,12 @@
 #include <string>
 
 #include "cmbn_cpu.h"
+#include "state_arguments.h"
 
 namespace cmbn {
 namespace {
 
-constexpr const char* kOp = "cmbn_update_state";
-
-enum class StateMode : int { kCumulative, kSliding, kEma, kDeferred };
-
-StateMode parse_mode(std::string_view mode) {
-  if (mode == "cumulative") return StateMode::kCumulative;
-  if (mode == "sliding") return StateMode::kSliding;
-  if (mode == "ema") return StateMode::kEma;
-  if (mode == "deferred") return StateMode::kDeferred;
-  TORCH_CHECK(false,
-              "cmbn_update_state: layer_mode must be 'cumulative', 'sliding', 'ema' or 'deferred', "
-              "got '", std::string(mode), "'");
-  return StateMode::kCumulative;
-}
+constexpr const char* kOp = kUpdateStateOp;
 
 // A (C,) or (S, C) buffer of any float dtype, read and written in place through its strides.
 // Stores round as torch's copy_ does (c10's conversions: to nearest, ties to even).
@@ -263,28 +251,6 @@ void update_channels(const StateArgs<stats_t>& args, int64_t begin, int64_t end)
   }
 }
 
-void check_on_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " is on ", t.device(),
-              " but window_count is on cpu");
-}
-
-void check_scalar_count(const at::Tensor& t, const char* name) {
-  check_on_cpu(t, name);
-  TORCH_CHECK(t.scalar_type() == at::kLong, kOp, ": ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == 1, kOp, ": ", name, " must hold one value, got shape ", t.sizes());
-}
-
-bool is_supported_float(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
-}
-
-void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  check_on_cpu(t, name);
-  TORCH_CHECK(is_supported_float(t.scalar_type()), kOp, ": ", name, " must be a float tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
-
 int64_t* scalar_data(const at::Tensor& t) {
   return static_cast<int64_t*>(t.data_ptr());  // one value: its only element, whatever the strides
 }
@@ -312,43 +278,14 @@ void cmbn_update_state_host_count_cpu(
     const at::Tensor& var, const at::Tensor& batch_mean, const at::Tensor& batch_var,
     std::string_view layer_mode, std::optional<int64_t> window, std::optional<double> momentum,
     bool every_micro_batch) {
-  const StateMode mode = parse_mode(layer_mode);
-  TORCH_CHECK(window_count.device().is_cpu(), kOp, ": window_count must be a CPU tensor, got one on ",
-              window_count.device());
-  TORCH_CHECK(window_count.scalar_type() == at::kLong, kOp, ": window_count must be int64, got ",
-              window_count.scalar_type());
-  TORCH_CHECK(window_count.dim() == 2, kOp, ": window_count must have shape (S, C), got ",
-              window_count.sizes());
-  const int64_t slots = window_count.size(0);
-  const int64_t channels = window_count.size(1);
-  TORCH_CHECK(mode == StateMode::kSliding || slots >= 1, kOp, ": mode '", std::string(layer_mode),
-              "' keeps its window in slot 0, but window_count has no slot");
+  const StateArguments state = check_state_arguments(
+      window_count, window_mean, window_var, window_step, running_mean, running_var,
+      num_batches_tracked, mean, var, batch_mean, batch_var, layer_mode, c10::DeviceType::CPU);
   TORCH_CHECK(m >= 0, kOp, ": m must be >= 0, got ", m);
-  check_float(window_mean, "window_mean", window_count.sizes());
-  check_float(window_var, "window_var", window_count.sizes());
-  TORCH_CHECK(window_var.scalar_type() == window_mean.scalar_type(), kOp,
-              ": window_mean and window_var must have one dtype, got ", window_mean.scalar_type(),
-              " and ", window_var.scalar_type());
-  check_scalar_count(window_step, "window_step");
-
-  const bool has_running_mean = running_mean.has_value() && running_mean->defined();
-  const bool has_running_var = running_var.has_value() && running_var->defined();
-  const bool has_tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  TORCH_CHECK(has_running_mean == has_running_var && has_running_mean == has_tracked, kOp,
-              ": running_mean, running_var and num_batches_tracked must all be given or all be None");
-  const bool tracking = has_running_mean;
-  if (tracking) {
-    check_float(*running_mean, "running_mean", {channels});
-    check_float(*running_var, "running_var", {channels});
-    TORCH_CHECK(running_var->scalar_type() == running_mean->scalar_type(), kOp,
-                ": running_mean and running_var must have one dtype, got ",
-                running_mean->scalar_type(), " and ", running_var->scalar_type());
-    check_scalar_count(*num_batches_tracked, "num_batches_tracked");
-  }
-  check_float(mean, "mean", {channels});
-  check_float(var, "var", {channels});
-  check_float(batch_mean, "batch_mean", {channels});
-  check_float(batch_var, "batch_var", {channels});
+  const StateMode mode = state.mode;
+  const int64_t slots = state.slots;
+  const int64_t channels = state.channels;
+  const bool tracking = state.tracking;
   if (m == 0) return;  // an empty micro-batch leaves the state as it is
 
   // The scalars, and what this micro-batch makes of them. Cumulative and deferred: window_step counts

@@ -1,6 +1,6 @@
-"""The CUDA kernels of csrc/ compiled for the CPU, so their parity tests run without a GPU.
+"""The CUDA kernels of csrc/cuda/ compiled for the CPU, so their parity tests run without a GPU.
 
-``load()`` translates csrc/ (translate.py), compiles it with g++ against cuda_runtime.h, a CPU
+``load()`` translates csrc/cuda/ and the shared files of csrc/ (translate.py), compiles it with g++ against cuda_runtime.h, a CPU
 emulation of the part of the CUDA runtime the kernels use, and loads the library into this process.
 Its kernels then serve ``torch.ops.cmbn_ext.*`` for CPU tensors, in place of the reference: load it
 only in a process that runs the kernel tests (tests/test_emulated_kernels.py starts one).
@@ -24,6 +24,9 @@ from . import translate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
+# The CUDA kernels and their launchers (csrc/cuda/), and the shared headers and C++ autograd (csrc/
+# itself); never csrc/cpu/, the CPU kernels, whose place on the CPU the emulated kernels take.
+SOURCE_DIRS = (CSRC, os.path.join(CSRC, "cuda"))
 DEFAULT_BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "build", "emulated_kernels")
 _library = None  # the path of the library loaded in this process
 
@@ -65,9 +68,8 @@ def load(address_sanitizer=False, verbose=False):
         flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address"]
         ldflags = ["-fsanitize=address"]
     source_dir = os.path.join(build_dir, "src")
-    # csrc/ itself: the CUDA kernels, their launchers and the C++ autograd; never csrc/cpu/, the CPU
-    # kernels, whose place on the CPU the emulated kernels take.
-    units = translate.translate_tree(CSRC, source_dir) + [os.path.join(HERE, "runtime.cpp")]
+    units = translate.translate_tree(SOURCE_DIRS, source_dir)
+    units.append(os.path.join(HERE, "runtime.cpp"))
     # Uninitialized locals start as a pattern (NaN-like), not as what the previous block left.
     flags += ["-ffp-contract=off", "-ftrivial-auto-var-init=pattern", "-Wno-unused-variable",
               "-include", os.path.join(HERE, "cuda_runtime.h"),

@@ -1,5 +1,5 @@
 #pragma once
-// The part of the CUDA runtime the kernels in csrc/ use, on the CPU: force-included (g++ -include)
+// The part of the CUDA runtime the kernels in csrc/cuda/ use, on the CPU: force-included (g++ -include)
 // into every translated source. A block's threads are fibers on one OS thread that switch only at
 // barriers. A <<<>>> launch runs its blocks one at a time; a cooperative launch
 // (cudaLaunchCooperativeKernel) holds every block of its grid at once, each with its own fibers and

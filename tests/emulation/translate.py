@@ -1,4 +1,5 @@
-"""Turns the CUDA sources in csrc/ into C++ that g++ compiles against cuda_runtime.h.
+"""Turns the CUDA sources (csrc/cuda/ and the shared files of csrc/) into C++ that g++ compiles against
+cuda_runtime.h.
 
 Only the CUDA syntax is rewritten; the kernels and launchers are compiled as written:
   - ``kernel<<<grid, block, bytes, stream>>>(args);`` -> ``cmbn_emu::launch<&kernel>(grid, block, args);``
@@ -7,7 +8,8 @@ Only the CUDA syntax is rewritten; the kernels and launchers are compiled as wri
     constant expression), so that its launches are counted per instantiation as the others are
   - ``__shared__ T name[N];`` -> ``auto& name = cmbn_emu::shared_array<T, N>();`` (see cuda_runtime.h)
   - ``at::empty(...)`` / ``at::empty_like(...)`` -> ``cmbn_emu::poisoned(...)``
-  - ``.is_cuda()`` -> ``.is_cpu()``: CPU tensors stand for the emulated device's
+  - ``.is_cuda()`` -> ``.is_cpu()`` and ``c10::DeviceType::CUDA`` -> ``c10::DeviceType::CPU``: CPU
+    tensors stand for the emulated device's
   - ``reinterpret_cast<`` -> ``cmbn_emu::aligned_reinterpret_cast<``, which stops at a misaligned pointer
   - ``TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m)`` -> ``(cmbn_ext, CPU, m)``: the emulated kernels serve CPU
     tensors, in place of the reference the package registers for them.
@@ -124,6 +126,7 @@ def translate(text):
     text = SHARED.sub(r"auto& \2 = ::cmbn_emu::shared_array<\1, \3>();", text)
     text = rewrite_calls(text, ALLOCATION, poisoned_allocation)
     text = text.replace(".is_cuda()", ".is_cpu()")
+    text = text.replace("c10::DeviceType::CUDA", "c10::DeviceType::CPU")
     text = text.replace("reinterpret_cast<", "::cmbn_emu::aligned_reinterpret_cast<")
     text = text.replace(REGISTRATION, "TORCH_LIBRARY_IMPL(cmbn_ext, CPU, m)")
     for line in text.splitlines():  # a construct the patterns above do not know fails here, not in g++
@@ -133,28 +136,34 @@ def translate(text):
     return text
 
 
-def translate_tree(source_dir, target_dir):
-    """Translates every source of ``source_dir`` into ``target_dir`` (.cu files become .cpp) and
-    returns the paths of the translation units. Files whose text would not change are not rewritten,
-    so an unchanged tree is not recompiled."""
+def translate_tree(source_dirs, target_dir):
+    """Translates every source of the ``source_dirs`` (not their subfolders) into the one folder
+    ``target_dir`` (.cu files become .cpp), where their quoted includes find each other, and returns the
+    paths of the translation units. Files whose text would not change are not rewritten, so an
+    unchanged tree is not recompiled."""
     os.makedirs(target_dir, exist_ok=True)
-    units, registrations = [], 0
-    for name in sorted(os.listdir(source_dir)):
-        if name in SKIPPED or not name.endswith((".cu", ".cuh", ".h", ".cpp")):
-            continue
-        with open(os.path.join(source_dir, name)) as source:
-            text = source.read()
-        registrations += text.count(REGISTRATION)
-        text = translate(text)
-        target_name = name[:-3] + ".cpp" if name.endswith(".cu") else name
-        target = os.path.join(target_dir, target_name)
-        if not os.path.exists(target) or _read(target) != text:
-            with open(target, "w") as out:
-                out.write(text)
-        if target_name.endswith(".cpp"):
-            units.append(target)
+    units, registrations, seen = [], 0, {}
+    for source_dir in source_dirs:
+        for name in sorted(os.listdir(source_dir)):
+            if name in SKIPPED or not name.endswith((".cu", ".cuh", ".h", ".cpp")):
+                continue
+            target_name = name[:-3] + ".cpp" if name.endswith(".cu") else name
+            if target_name in seen:  # one folder: a second file of that name would replace the first
+                raise ValueError(f"{name} in {source_dir} and {seen[target_name]} translate to one "
+                                 f"file, {target_name}")
+            seen[target_name] = source_dir
+            with open(os.path.join(source_dir, name)) as source:
+                text = source.read()
+            registrations += text.count(REGISTRATION)
+            text = translate(text)
+            target = os.path.join(target_dir, target_name)
+            if not os.path.exists(target) or _read(target) != text:
+                with open(target, "w") as out:
+                    out.write(text)
+            if target_name.endswith(".cpp"):
+                units.append(target)
     if registrations != 1:  # else the kernels would not serve CPU tensors, and the reference would
-        raise ValueError(f"expected one {REGISTRATION!r} in {source_dir}, found {registrations}")
+        raise ValueError(f"expected one {REGISTRATION!r} in {source_dirs}, found {registrations}")
     return units
 
 

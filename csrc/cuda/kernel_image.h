@@ -9,7 +9,7 @@
 namespace cmbn {
 
 // cudaFuncGetAttributes of one kernel of the library on the current device: every unit is compiled
-// for the same architectures, so one kernel answers for all (cmbn_update_state.cu).
+// for the same architectures, so one kernel answers for all (update_state.cu).
 cudaError_t probe_kernel_image();
 
 // Whether the kernels run on device `index` (probed once per device).

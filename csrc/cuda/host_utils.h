@@ -1,6 +1,7 @@
 #pragma once
-// Host-side helpers of the launchers: argument checks with messages that name the argument, the
-// layout of a tensor, and how the work of one call is split over the grid.
+// Host-side helpers of the CUDA launchers: per-channel vectors as the kernels take them, and how the
+// work of one call is split over the grid (the checks and layouts both families share are in
+// op_checks.h and layout.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
@@ -20,54 +21,10 @@
 
 #include "activation.h"
 #include "kernel_types.h"
+#include "layout.h"
+#include "op_checks.h"
 
 namespace cmbn {
-
-struct LayoutInfo {
-  Layout layout;
-  int64_t outer;     // kPlanes: N; kRows: rows
-  int64_t channels;  // C
-  int64_t inner;     // kPlanes: values per plane; kRows: 1
-};
-
-// The layout the kernels can read `x` in without a copy, or nullopt (then the caller copies).
-inline std::optional<LayoutInfo> describe_layout(const at::Tensor& x) {
-  const int64_t batch = x.size(0);
-  const int64_t channels = x.size(1);
-  int64_t inner = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) inner *= x.size(d);
-  if (x.is_contiguous()) {
-    // One value per plane (or nothing at all): channels are innermost, which the row kernels
-    // read coalesced.
-    if (inner <= 1 || x.numel() == 0) return LayoutInfo{Layout::kRows, batch * inner, channels, 1};
-    return LayoutInfo{Layout::kPlanes, batch, channels, inner};
-  }
-  // channels_last, channels_last_3d, or any (N, *, C) storage of an (N, C, *) tensor.
-  std::vector<int64_t> channels_last_order{0};
-  for (int64_t d = 2; d < x.dim(); ++d) channels_last_order.push_back(d);
-  channels_last_order.push_back(1);
-  if (x.permute(channels_last_order).is_contiguous()) {
-    return LayoutInfo{Layout::kRows, batch * inner, channels, 1};
-  }
-  return std::nullopt;
-}
-
-// Same element addresses: equal sizes, and equal strides wherever a dimension has more than one value.
-inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-// `t` itself when it already has the layout of `like`, else a copy of it in that layout.
-inline at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
-  if (same_layout(t, like)) return t;
-  at::Tensor copy = at::empty_like(like);
-  copy.copy_(t);
-  return copy;
-}
 
 inline bool is_aligned_16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -98,52 +55,6 @@ inline AnyFloatBuffer any_float_buffer(const at::Tensor& t) {
   return AnyFloatBuffer{t.defined() ? t.mutable_data_ptr() : nullptr, float_kind(t)};
 }
 
-inline bool is_supported_float(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble;
-}
-
-// Statistics run in fp64 for fp64 input, in fp32 for everything else (SPEC section 3).
-inline at::ScalarType stats_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline void check_input(const char* op, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() >= 2, op, ": ", name, " must have shape (N, C, *), got ", x.dim(),
-              " dimension(s)");
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-}
-
-// A (C,) float vector on x's device; `required` false lets it be absent (affine=False).
-inline void check_per_channel(const char* op, const std::optional<at::Tensor>& t, const char* name,
-                              const at::Tensor& x, bool required) {
-  if (!t.has_value() || !t->defined()) {
-    TORCH_CHECK(!required, op, ": ", name, " is required");
-    return;
-  }
-  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(is_supported_float(t->scalar_type()), op, ": ", name, " must be a float tensor, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name,
-              " must have shape (C,) = (", x.size(1), ",), got ", t->sizes());
-}
-
-// The activation arguments of a fused op (cmbn_ext/activations.py's codes): a known code, and
-// from_output (the backward reads the layer's output) only for an activation the output determines
-// the input of. ValueError, as the reference raises.
-inline void check_activation(const char* op, int64_t activation, double activation_param,
-                             bool from_output = false) {
-  TORCH_CHECK_VALUE(activation >= 0 && activation < kActivationCount, op,
-                    ": activation must be a code from 0 to ", kActivationCount - 1,
-                    " (cmbn_ext.activations), got ", activation);
-  TORCH_CHECK_VALUE(!from_output || activation_invertible(activation, activation_param), op,
-                    ": from_output needs an invertible activation (identity, leaky_relu with a "
-                    "positive slope, elu with a positive alpha), got activation ", activation,
-                    " with activation_param ", activation_param);
-}
-
 template <typename acc_t>
 ActivationParams<acc_t> activation_params(int64_t activation, double activation_param) {
   return ActivationParams<acc_t>{static_cast<int>(activation), static_cast<acc_t>(activation_param)};
@@ -151,36 +62,6 @@ ActivationParams<acc_t> activation_params(int64_t activation, double activation_
 
 inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
-}
-
-// Where a kernel reads `x` and writes `out` (= empty_like(x)): `out` itself when the kernels read its
-// layout (x is copied only if its strides differ), else contiguous scratch tensors whose result the
-// caller copies into `out` afterwards (a dense but unusual permutation).
-struct WorkTensors {
-  at::Tensor x;
-  at::Tensor out;
-  LayoutInfo info;
-};
-
-inline WorkTensors work_tensors(const at::Tensor& x, const at::Tensor& out) {
-  if (std::optional<LayoutInfo> info = describe_layout(out)) {
-    return WorkTensors{with_layout_of(x, out), out, *info};
-  }
-  at::Tensor x_contiguous = x.contiguous();
-  at::Tensor out_contiguous = at::empty_like(x_contiguous);
-  return WorkTensors{x_contiguous, out_contiguous, *describe_layout(out_contiguous)};
-}
-
-// `x` itself when the kernels read its layout, else a contiguous copy (for the ops that only reduce).
-struct ReadableTensor {
-  at::Tensor x;
-  LayoutInfo info;
-};
-
-inline ReadableTensor readable(const at::Tensor& x) {
-  if (std::optional<LayoutInfo> info = describe_layout(x)) return ReadableTensor{x, *info};
-  at::Tensor x_contiguous = x.contiguous();
-  return ReadableTensor{x_contiguous, *describe_layout(x_contiguous)};
 }
 
 // A 0-dim int64 count (the whole group's values per channel) as a device pointer the kernels read, so
@@ -191,12 +72,6 @@ inline at::Tensor device_count(const char* op, const at::Tensor& count, const at
   TORCH_CHECK(count.is_cpu() || count.device() == x.device(), op, ": count is on ", count.device(),
               " but x is on ", x.device());
   return count.to(x.device()).contiguous();
-}
-
-inline void check_same_device(const char* op, const at::Tensor& t, const char* name,
-                              const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

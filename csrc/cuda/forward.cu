@@ -498,27 +498,6 @@ void dispatch_forward(const ForwardArgs<scalar_t, acc_t>& args, const LayoutInfo
   with_walk<ForwardLaunch, scalar_t>(walk_of<scalar_t>(info, {x, y}), args, x, given);
 }
 
-void check_history(const char* op, const at::Tensor& x, const at::Tensor& count,
-                   const at::Tensor& mean, const at::Tensor& var) {
-  const int64_t channels = x.size(1);
-  TORCH_CHECK(count.scalar_type() == at::kLong, op, ": history_count must be int64, got ",
-              count.scalar_type());
-  TORCH_CHECK(count.dim() == 2 && count.size(1) == channels, op,
-              ": history_count must have shape (S, C) with C = ", channels, ", got ", count.sizes());
-  const auto check_like_count = [&](const at::Tensor& t, const char* name) {
-    check_same_device(op, t, name, x);
-    TORCH_CHECK(t.sizes() == count.sizes(), op, ": ", name, " must have the shape of history_count ",
-                count.sizes(), ", got ", t.sizes());
-  };
-  check_like_count(count, "history_count");
-  check_like_count(mean, "history_mean");
-  check_like_count(var, "history_var");
-  TORCH_CHECK(is_supported_float(mean.scalar_type()), op,
-              ": history_mean must be a float tensor, got ", mean.scalar_type());
-  TORCH_CHECK(is_supported_float(var.scalar_type()), op,
-              ": history_var must be a float tensor, got ", var.scalar_type());
-}
-
 // The inputs of the pooling and normalization, contiguous, kept alive for the launch.
 struct PoolingInputs {
   at::Tensor weight, bias, history_count, history_mean, history_var;
@@ -549,11 +528,7 @@ void set_pooling_args(ForwardArgs<scalar_t, acc_t>& args, const PoolingInputs& i
 // A (C,) statistic the caller gives, in the statistics' dtype and contiguous (a no-op for the
 // tensors cmbn_batch_stats returns).
 at::Tensor given_statistic(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
-  check_same_device(op, t, name, x);
-  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be a float tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (",
-              x.size(1), ",), got ", t.sizes());
+  check_channel_vector(op, t, name, x);
   return t.to(stats_dtype(x.scalar_type())).contiguous();
 }
 
@@ -567,11 +542,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double activation_param) {
   (void)exact_grad;  // the forward is the same for both gradients
   const char* op = "cmbn_forward";
-  check_input(op, x, "x");
+  check_pooling_args(op, x, weight, bias, history_count, history_mean, history_var,
+                     c10::DeviceType::CUDA);
   check_activation(op, activation, activation_param);
-  check_per_channel(op, weight, "weight", x, false);
-  check_per_channel(op, bias, "bias", x, false);
-  check_history(op, x, history_count, history_mean, history_var);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
   const int64_t channels = x.size(1);
@@ -611,7 +584,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> cmbn_batch_stats_cuda(const at::Tensor& x) {
   const char* op = "cmbn_batch_stats";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t channels = x.size(1);
   const at::TensorOptions stat_options = x.options().dtype(stats_dtype(x.scalar_type()));
@@ -641,10 +614,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_c
     const at::Tensor& batch_var, const at::Tensor& history_count, const at::Tensor& history_mean,
     const at::Tensor& history_var, double eps, std::optional<double> ema_momentum) {
   const char* op = "cmbn_pooled_forward";
-  check_input(op, x, "x");
-  check_per_channel(op, weight, "weight", x, false);
-  check_per_channel(op, bias, "bias", x, false);
-  check_history(op, x, history_count, history_mean, history_var);
+  check_pooling_args(op, x, weight, bias, history_count, history_mean, history_var,
+                     c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor count_d = device_count(op, count, x);
   const at::Tensor batch_mean_c = given_statistic(op, batch_mean, "batch_mean", x);
@@ -683,7 +654,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmbn_pooled_forward_c
 }
 
 LaunchPlan cmbn_forward_plan(const at::Tensor& x) {
-  check_input("cmbn_kernel_plan", x, "x");
+  check_input("cmbn_kernel_plan", x, "x", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const ReadableTensor readable_x = readable(x);  // y takes x's layout, or both a contiguous one
   LaunchPlan plan{};

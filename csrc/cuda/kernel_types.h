@@ -3,6 +3,8 @@
 // work is split over blocks, and small per-channel vectors of any float dtype.
 #include <cstdint>
 
+#include "layout.h"  // Layout, the walks the kernels are instantiated for
+
 namespace cmbn {
 
 constexpr int kBlockThreads = 256;  // every kernel runs 256 threads per block
@@ -15,15 +17,6 @@ constexpr int kHeldRoundsBackward = 2;
 // Blocks per SM the single-read kernels are compiled for (at most 128 registers a thread): their grid
 // is bounded by what the GPU holds at once, so occupancy is capacity.
 constexpr int kHeldBlocksPerSM = 2;
-
-// The two layouts the kernels read without a copy, and how they walk them.
-//   kPlanes:       contiguous (N, C, *) with a spatial size > 1: channel c of sample n is one
-//                  contiguous plane of `inner` values at ((n * C + c) * inner).
-//   kRows:         channels innermost: channels_last, channels_last_3d, (N, C) and any (N, C, 1...)
-//                  input; value (row r, channel c) at (r * C + c), rows = N * prod(spatial).
-//   kPlanesMasked: kPlanes walked in aligned 16-byte packs although `inner` is not a multiple of the
-//                  pack (7 x 7 planes): the values of a pack outside the plane are masked off.
-enum class Layout : int { kPlanes, kRows, kPlanesMasked };
 
 // What one launch of a kernel does (one kernel template serves all four).
 //   kFused:   a block owns whole channels: reduce, finalize and write the output in one launch.

@@ -20,13 +20,12 @@
 #include "host_utils.h"
 #include "kernel_image.h"
 #include "kernel_types.h"
+#include "state_arguments.h"
 
 namespace cmbn {
 namespace {
 
 constexpr int kStateThreads = 512;
-
-enum class StateMode : int { kCumulative, kSliding, kEma, kDeferred };
 
 template <typename stats_t>
 struct StateArgs {
@@ -242,37 +241,7 @@ __global__ void __launch_bounds__(kStateThreads) update_state_kernel(const State
   }
 }
 
-StateMode parse_mode(std::string_view mode) {
-  if (mode == "cumulative") return StateMode::kCumulative;
-  if (mode == "sliding") return StateMode::kSliding;
-  if (mode == "ema") return StateMode::kEma;
-  if (mode == "deferred") return StateMode::kDeferred;
-  TORCH_CHECK(false,
-              "cmbn_update_state: layer_mode must be 'cumulative', 'sliding', 'ema' or 'deferred', "
-              "got '", std::string(mode), "'");
-  return StateMode::kCumulative;
-}
-
-constexpr const char* kOp = "cmbn_update_state";
-
-void check_on_device(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), kOp, ": ", name, " is on ", t.device(),
-              " but window_count is on ", like.device());
-}
-
-void check_scalar_count(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  check_on_device(t, name, like);
-  TORCH_CHECK(t.scalar_type() == at::kLong, kOp, ": ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == 1, kOp, ": ", name, " must hold one value, got shape ", t.sizes());
-}
-
-void check_float(const at::Tensor& t, const char* name, const at::Tensor& like,
-                 at::IntArrayRef shape) {
-  check_on_device(t, name, like);
-  TORCH_CHECK(is_supported_float(t.scalar_type()), kOp, ": ", name, " must be a float tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
+constexpr const char* kOp = kUpdateStateOp;
 
 // A buffer the kernel writes, contiguous: itself, or a copy that is written back after the launch.
 at::Tensor writable(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
@@ -301,47 +270,19 @@ void update_state(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor&
                   const at::Tensor& batch_mean, const at::Tensor& batch_var,
                   std::string_view layer_mode, std::optional<int64_t> window,
                   std::optional<double> momentum, bool every_micro_batch) {
-  const StateMode mode = parse_mode(layer_mode);
-  TORCH_CHECK(window_count.is_cuda(), kOp, ": window_count must be a CUDA tensor, got one on ",
-              window_count.device());
-  TORCH_CHECK(window_count.scalar_type() == at::kLong, kOp, ": window_count must be int64, got ",
-              window_count.scalar_type());
-  TORCH_CHECK(window_count.dim() == 2, kOp, ": window_count must have shape (S, C), got ",
-              window_count.sizes());
-  const int64_t slots = window_count.size(0);
-  const int64_t channels = window_count.size(1);
-  TORCH_CHECK(mode == StateMode::kSliding || slots >= 1, kOp, ": mode '", std::string(layer_mode),
-              "' keeps its window in slot 0, but window_count has no slot");
+  const StateArguments state = check_state_arguments(
+      window_count, window_mean, window_var, window_step, running_mean, running_var,
+      num_batches_tracked, mean, var, batch_mean, batch_var, layer_mode, c10::DeviceType::CUDA);
+  const StateMode mode = state.mode;
+  const int64_t slots = state.slots;
+  const int64_t channels = state.channels;
+  const bool tracking = state.tracking;
   if (m_device.defined()) {
-    check_on_device(m_device, "m", window_count);
+    TORCH_CHECK(m_device.device() == window_count.device(), kOp, ": m is on ", m_device.device(),
+                " but window_count is on ", window_count.device());
   } else {
     TORCH_CHECK(m_host >= 0, kOp, ": m must be >= 0, got ", m_host);
   }
-  check_float(window_mean, "window_mean", window_count, window_count.sizes());
-  check_float(window_var, "window_var", window_count, window_count.sizes());
-  TORCH_CHECK(window_var.scalar_type() == window_mean.scalar_type(), kOp,
-              ": window_mean and window_var must have one dtype, got ", window_mean.scalar_type(),
-              " and ", window_var.scalar_type());
-  check_scalar_count(window_step, "window_step", window_count);
-
-  const bool has_running_mean = running_mean.has_value() && running_mean->defined();
-  const bool has_running_var = running_var.has_value() && running_var->defined();
-  const bool has_tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  TORCH_CHECK(has_running_mean == has_running_var && has_running_mean == has_tracked, kOp,
-              ": running_mean, running_var and num_batches_tracked must all be given or all be None");
-  const bool tracking = has_running_mean;
-  if (tracking) {
-    check_float(*running_mean, "running_mean", window_count, {channels});
-    check_float(*running_var, "running_var", window_count, {channels});
-    TORCH_CHECK(running_var->scalar_type() == running_mean->scalar_type(), kOp,
-                ": running_mean and running_var must have one dtype, got ",
-                running_mean->scalar_type(), " and ", running_var->scalar_type());
-    check_scalar_count(*num_batches_tracked, "num_batches_tracked", window_count);
-  }
-  check_float(mean, "mean", window_count, {channels});
-  check_float(var, "var", window_count, {channels});
-  check_float(batch_mean, "batch_mean", window_count, {channels});
-  check_float(batch_var, "batch_var", window_count, {channels});
   const c10::cuda::CUDAGuard device_guard(window_count.device());
   if (!m_device.defined() && m_host == 0) return;  // an empty micro-batch, known on the host
 

@@ -10,6 +10,7 @@
 
 #include "cmbn_cuda.h"
 #include "kernel_image.h"
+#include "train_forward.h"
 
 namespace cmbn {
 namespace {
@@ -52,7 +53,8 @@ TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m) {
   m.impl("cmbn_backward_dx", TORCH_FN((OrReference<kBackwardDx, &cmbn_backward_dx_cuda>::call)));
   m.impl("cmbn_update_state", TORCH_FN((OrReference<kUpdateState, &cmbn_update_state_cuda>::call)));
   m.impl("cmbn_train_forward",
-         TORCH_FN((OrReference<kTrainForward, &cmbn_train_forward_cuda>::call)));
+         TORCH_FN((OrReference<kTrainForward, &train_forward<&cmbn_forward_cuda,
+                                                             &cmbn_update_state_host_count_cuda>>::call)));
   m.impl("cmbn_kernel_plan", TORCH_FN(cmbn_kernel_plan_cuda));
   m.impl("cmbn_kernel_image", TORCH_FN(cmbn_kernel_image_cuda));
 }

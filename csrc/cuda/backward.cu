@@ -598,20 +598,8 @@ void dispatch_backward(const BackwardArgs<scalar_t, acc_t>& args, const LayoutIn
 // for the tensors the ops return).
 at::Tensor saved_statistic(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x,
                            at::ScalarType dtype) {
-  check_same_device(op, t, name, x);
-  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be a float tensor, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (",
-              x.size(1), ",), got ", t.sizes());
+  check_channel_vector(op, t, name, x);
   return t.to(dtype).contiguous();
-}
-
-void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x) {
-  check_same_device(op, grad_y, "grad_y", x);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x ", x.sizes(),
-              ", got ", grad_y.sizes());
-  TORCH_CHECK(is_supported_float(grad_y.scalar_type()), op, ": grad_y must be a float tensor, got ",
-              grad_y.scalar_type());
 }
 
 // The statistics saved by the forward, for the dx pass.
@@ -651,12 +639,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
     const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
     bool from_output) {
   const char* op = "cmbn_backward";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CUDA);
   check_grad_y(op, grad_y, x);
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
               x.scalar_type(), "), got ", grad_y.scalar_type());
-  check_per_channel(op, weight, "weight", x, false);
-  check_per_channel(op, bias, "bias", x, false);
+  check_optional_channel_vector(op, weight, "weight", x);
+  check_optional_channel_vector(op, bias, "bias", x);
   check_activation(op, activation, activation_param, from_output);
   const c10::cuda::CUDAGuard device_guard(x.device());
 
@@ -706,7 +694,7 @@ std::tuple<at::Tensor, at::Tensor> cmbn_backward_sums_cuda(const at::Tensor& gra
                                                            const at::Tensor& x,
                                                            const at::Tensor& batch_mean) {
   const char* op = "cmbn_backward_sums";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CUDA);
   check_grad_y(op, grad_y, x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
@@ -744,9 +732,9 @@ at::Tensor cmbn_backward_dx_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                  const at::Tensor& sum_dy, const at::Tensor& sum_dy_xc,
                                  const at::Tensor& count, double eps, bool exact_grad) {
   const char* op = "cmbn_backward_dx";
-  check_input(op, x, "x");
+  check_input(op, x, "x", c10::DeviceType::CUDA);
   check_grad_y(op, grad_y, x);
-  check_per_channel(op, weight, "weight", x, false);
+  check_optional_channel_vector(op, weight, "weight", x);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::ScalarType acc_dtype = stats_dtype(x.scalar_type());
   const SavedStatistics saved = saved_statistics(op, x, mean, var, batch_mean, batch_var, b);
@@ -779,7 +767,7 @@ at::Tensor cmbn_backward_dx_cuda(const at::Tensor& grad_y, const at::Tensor& x,
 }
 
 LaunchPlan cmbn_backward_plan(const at::Tensor& x) {
-  check_input("cmbn_kernel_plan", x, "x");
+  check_input("cmbn_kernel_plan", x, "x", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(x.device());
   // grad_x = empty_like(x): x's layout when the kernels read it, else both contiguous; grad_y is
   // brought to that layout (aligned, when copied).

@@ -66,7 +66,8 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
                             std::string_view layer_mode, std::optional<int64_t> window,
                             std::optional<double> momentum, bool every_micro_batch);
 
-// The same with m known on the host (cmbn_train_forward's, from x's shape): a kernel argument.
+// The same with m known on the host (cmbn_train_forward's, from x's shape: train_forward.h):
+// a kernel argument.
 void cmbn_update_state_host_count_cuda(
     at::Tensor& window_count, at::Tensor& window_mean, at::Tensor& window_var,
     at::Tensor& window_step, const std::optional<at::Tensor>& running_mean,
@@ -75,20 +76,6 @@ void cmbn_update_state_host_count_cuda(
     const at::Tensor& var, const at::Tensor& batch_mean, const at::Tensor& batch_var,
     std::string_view layer_mode, std::optional<int64_t> window, std::optional<double> momentum,
     bool every_micro_batch);
-
-// cmbn_ext::cmbn_train_forward: cmbn_forward, then cmbn_update_state on its statistics (deferred mode
-// normalizes with no history). keep_output matters to autograd alone.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-cmbn_train_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, at::Tensor& window_count,
-                        at::Tensor& window_mean, at::Tensor& window_var, at::Tensor& window_step,
-                        const std::optional<at::Tensor>& running_mean,
-                        const std::optional<at::Tensor>& running_var,
-                        const std::optional<at::Tensor>& num_batches_tracked, double eps,
-                        std::optional<double> ema_momentum, bool exact_grad,
-                        std::string_view layer_mode, std::optional<int64_t> window,
-                        std::optional<double> momentum, bool every_micro_batch, int64_t activation,
-                        double activation_param, bool keep_output);
 
 // What cmbn_forward / cmbn_backward launch for x (the same planning code as their launchers).
 LaunchPlan cmbn_forward_plan(const at::Tensor& x);
