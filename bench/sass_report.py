@@ -386,8 +386,8 @@ def export_revision(rev, destination):
 
 
 def kernel_sources(csrc):
-    """The files the CUDA kernels compile from: csrc/cuda/ and the shared files of csrc/ itself (never
-    csrc/cpu/, the CPU kernels), sorted."""
+    """The sources of the CUDA build but the CPU kernels: csrc/cuda/ and the shared files of csrc/
+    itself (never csrc/cpu/), sorted."""
     folders = (csrc, os.path.join(csrc, "cuda"))
     return sorted(path for folder in folders for path in glob.glob(os.path.join(folder, "*"))
                   if path.endswith((".cu", ".cuh", ".h", ".cpp")))

@@ -86,12 +86,17 @@ inline void check_pooling_args(const char* op, const at::Tensor& x,
   check_history(op, x, history_count, history_mean, history_var);
 }
 
-inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x) {
+// grad_y of x's shape on x's device, in any float dtype, or in x's own with `dtype_of_x` (the ops
+// that read it in another dtype convert it as they copy it into x's layout).
+inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                         bool dtype_of_x = false) {
   check_same_device(op, grad_y, "grad_y", x);
   TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have the shape of x ", x.sizes(),
               ", got ", grad_y.sizes());
   TORCH_CHECK(is_supported_float(grad_y.scalar_type()), op, ": grad_y must be a float tensor, got ",
               grad_y.scalar_type());
+  TORCH_CHECK(!dtype_of_x || grad_y.scalar_type() == x.scalar_type(), op,
+              ": grad_y must have the dtype of x (", x.scalar_type(), "), got ", grad_y.scalar_type());
 }
 
 // The activation arguments of a fused op (cmbn_ext/activations.py's codes): a known code, and

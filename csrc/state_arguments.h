@@ -12,7 +12,7 @@
 
 namespace cmbn {
 
-constexpr const char* kUpdateStateOp = "cmbn_update_state";
+inline constexpr char kUpdateStateOp[] = "cmbn_update_state";
 
 enum class StateMode : int { kCumulative, kSliding, kEma, kDeferred };
 
@@ -25,6 +25,17 @@ inline StateMode parse_mode(std::string_view mode) {
               ": layer_mode must be 'cumulative', 'sliding', 'ema' or 'deferred', got '",
               std::string(mode), "'");
   return StateMode::kCumulative;
+}
+
+// The count m of cmbn_update_state's schema: a 0-dim int64 tensor (each family checks where it lies).
+inline void check_count_tensor(const at::Tensor& m) {
+  TORCH_CHECK(m.scalar_type() == at::kLong, kUpdateStateOp, ": m must be int64, got ", m.scalar_type());
+  TORCH_CHECK(m.dim() == 0, kUpdateStateOp, ": m must be a 0-dim tensor, got shape ", m.sizes());
+}
+
+// m known on the host (read from that tensor, or cmbn_train_forward's, from x's shape).
+inline void check_host_count(int64_t m) {
+  TORCH_CHECK(m >= 0, kUpdateStateOp, ": m must be >= 0, got ", m);
 }
 
 // What the checks found: the mode, the window's shape (S, C), and whether the running statistics are

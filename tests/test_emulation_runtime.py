@@ -170,6 +170,18 @@ def test_translate_rewrites_cooperative_launches():
         translate.translate("cudaLaunchCooperativeKernel(kernel, grid, block, args, 0, stream);")
 
 
+def test_translate_moves_the_device_type_to_the_cpu():
+    """The CUDA sources name their tensors' device as .is_cuda() or c10::DeviceType::CUDA (the shared
+    checks take a device type); in the emulation CPU tensors stand for the device, and any other
+    spelling of it is refused rather than left to check against a device that is never there."""
+    source = 'check_input(op, x, "x", c10::DeviceType::CUDA);\nif (m.is_cuda()) {}\n'
+    expected = 'check_input(op, x, "x", c10::DeviceType::CPU);\nif (m.is_cpu()) {}\n'
+    assert translate.translate(source) == expected
+    for spelling in ("x.device().type() == at::kCUDA", "c10::Device(c10::kCUDA, 0)"):
+        with pytest.raises(ValueError, match="cannot rewrite"):
+            translate.translate(spelling)
+
+
 def test_the_cpu_kernels_stay_out_of_the_emulated_build(tmp_path):
     """The emulated build translates csrc/cuda/ (the CUDA kernels, their launchers) and the shared
     files of csrc/ (the C++ autograd, the headers), never csrc/cpu/: in its processes the emulated

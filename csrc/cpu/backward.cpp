@@ -81,9 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cpu(
     bool from_output) {
   const char* op = "cmbn_backward";
   check_input(op, x, "x", c10::DeviceType::CPU);
-  check_grad_y(op, grad_y, x);
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
-              x.scalar_type(), "), got ", grad_y.scalar_type());
+  check_grad_y(op, grad_y, x, /*dtype_of_x=*/true);
   check_activation(op, activation, activation_param, from_output);
   check_optional_channel_vector(op, bias, "bias", x);
   const SavedStatistics saved = saved_statistics(op, x, weight, mean, var, batch_mean, batch_var, b);

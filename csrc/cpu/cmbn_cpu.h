@@ -1,6 +1,6 @@
 #pragma once
 // The CPU implementations of the ops whose schemas cmbn_ext/ops.py defines: the same arguments and
-// results as the CUDA ones (cmbn_cuda.h), computed with at::parallel_for and at::vec on the host.
+// results as the CUDA ones (cuda/cmbn_cuda.h), computed with at::parallel_for and at::vec on the host.
 #include <ATen/ATen.h>
 
 #include <optional>

@@ -2,7 +2,7 @@
 // Shared pieces of the CPU kernels: the count check, per-channel vectors in the statistics' dtype,
 // how the row layout is chunked, what one call of the vectorized loops (cpu_loops.h) reads and
 // writes, and which build of those loops runs. The checks and layouts the CUDA kernels share are in
-// op_checks.h and layout.h.
+// op_checks.h and work_tensors.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "activation.h"
-#include "layout.h"
 #include "op_checks.h"
+#include "work_tensors.h"
 
 namespace cmbn {
 namespace cpu {

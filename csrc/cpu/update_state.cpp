@@ -15,8 +15,6 @@
 namespace cmbn {
 namespace {
 
-constexpr const char* kOp = kUpdateStateOp;
-
 // A (C,) or (S, C) buffer of any float dtype, read and written in place through its strides.
 // Stores round as torch's copy_ does (c10's conversions: to nearest, ties to even).
 struct FloatBuffer {
@@ -281,7 +279,7 @@ void cmbn_update_state_host_count_cpu(
   const StateArguments state = check_state_arguments(
       window_count, window_mean, window_var, window_step, running_mean, running_var,
       num_batches_tracked, mean, var, batch_mean, batch_var, layer_mode, c10::DeviceType::CPU);
-  TORCH_CHECK(m >= 0, kOp, ": m must be >= 0, got ", m);
+  check_host_count(m);
   const StateMode mode = state.mode;
   const int64_t slots = state.slots;
   const int64_t channels = state.channels;
@@ -375,9 +373,8 @@ void cmbn_update_state_cpu(at::Tensor& window_count, at::Tensor& window_mean, at
                            const at::Tensor& batch_mean, const at::Tensor& batch_var,
                            std::string_view layer_mode, std::optional<int64_t> window,
                            std::optional<double> momentum, bool every_micro_batch) {
-  TORCH_CHECK(m.scalar_type() == at::kLong, kOp, ": m must be int64, got ", m.scalar_type());
-  TORCH_CHECK(m.dim() == 0, kOp, ": m must be a 0-dim tensor, got shape ", m.sizes());
-  TORCH_CHECK(m.device().is_cpu(), kOp, ": m is on ", m.device(), " but window_count is on ",
+  check_count_tensor(m);
+  TORCH_CHECK(m.device().is_cpu(), kUpdateStateOp, ": m is on ", m.device(), " but window_count is on ",
               window_count.device());
   cmbn_update_state_host_count_cpu(window_count, window_mean, window_var, window_step, running_mean,
                                    running_var, num_batches_tracked, *m.const_data_ptr<int64_t>(),

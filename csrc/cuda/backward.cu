@@ -640,9 +640,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cmbn_backward_cuda(
     bool from_output) {
   const char* op = "cmbn_backward";
   check_input(op, x, "x", c10::DeviceType::CUDA);
-  check_grad_y(op, grad_y, x);
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y must have the dtype of x (",
-              x.scalar_type(), "), got ", grad_y.scalar_type());
+  check_grad_y(op, grad_y, x, /*dtype_of_x=*/true);
   check_optional_channel_vector(op, weight, "weight", x);
   check_optional_channel_vector(op, bias, "bias", x);
   check_activation(op, activation, activation_param, from_output);
@@ -709,7 +707,7 @@ std::tuple<at::Tensor, at::Tensor> cmbn_backward_sums_cuda(const at::Tensor& gra
   const ReadableTensor readable_x = readable(x);
   const at::Tensor& x_work = readable_x.x;
   const LayoutInfo& info = readable_x.info;
-  const at::Tensor grad_y_work = with_layout_of(grad_y.to(x.scalar_type()), x_work);
+  const at::Tensor grad_y_work = with_layout_of(grad_y, x_work);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_sums_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
@@ -745,7 +743,7 @@ at::Tensor cmbn_backward_dx_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) return grad_x;  // no values to write (and C == 0 has no grid)
   const WorkTensors work = work_tensors(x, grad_x);
-  const at::Tensor grad_y_work = with_layout_of(grad_y.to(x.scalar_type()), work.out);
+  const at::Tensor grad_y_work = with_layout_of(grad_y, work.out);
   const at::Tensor weight_c = contiguous_or_undefined(weight);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cmbn_backward_dx_cuda", [&] {

@@ -1,7 +1,7 @@
 #pragma once
 // Host-side helpers of the CUDA launchers: per-channel vectors as the kernels take them, and how the
 // work of one call is split over the grid (the checks and layouts both families share are in
-// op_checks.h and layout.h).
+// op_checks.h and work_tensors.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
@@ -21,8 +21,8 @@
 
 #include "activation.h"
 #include "kernel_types.h"
-#include "layout.h"
 #include "op_checks.h"
+#include "work_tensors.h"
 
 namespace cmbn {
 
@@ -100,7 +100,7 @@ inline Geometry make_geometry(const LayoutInfo& info, int vec, int element_size,
   if (info.layout != Layout::kRows) {
     // A plane of `inner` values starting anywhere in a pack overlaps at most this many packs.
     geo.inner_packs = info.layout == Layout::kPlanes ? info.inner / vec : (info.inner + vec - 2) / vec + 1;
-    geo.values_per_channel = info.outer * info.inner;
+    geo.values_per_channel = info.values_per_channel();
     geo.lanes = kBlockThreads;
     geo.rows_per_block = 1;
     geo.tile_width = 1;

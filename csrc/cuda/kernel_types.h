@@ -1,6 +1,6 @@
 #pragma once
-// Plain structs shared by the host launchers and the CUDA kernels: how a tensor is laid out, how the
-// work is split over blocks, and small per-channel vectors of any float dtype.
+// Plain structs shared by the host launchers and the CUDA kernels: how the work is split over blocks,
+// what a launch does, and small per-channel vectors of any float dtype (the layouts are layout.h's).
 #include <cstdint>
 
 #include "layout.h"  // Layout, the walks the kernels are instantiated for

@@ -241,8 +241,6 @@ __global__ void __launch_bounds__(kStateThreads) update_state_kernel(const State
   }
 }
 
-constexpr const char* kOp = kUpdateStateOp;
-
 // A buffer the kernel writes, contiguous: itself, or a copy that is written back after the launch.
 at::Tensor writable(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
@@ -278,10 +276,10 @@ void update_state(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor&
   const int64_t channels = state.channels;
   const bool tracking = state.tracking;
   if (m_device.defined()) {
-    TORCH_CHECK(m_device.device() == window_count.device(), kOp, ": m is on ", m_device.device(),
+    TORCH_CHECK(m_device.device() == window_count.device(), kUpdateStateOp, ": m is on ", m_device.device(),
                 " but window_count is on ", window_count.device());
   } else {
-    TORCH_CHECK(m_host >= 0, kOp, ": m must be >= 0, got ", m_host);
+    check_host_count(m_host);
   }
   const c10::cuda::CUDAGuard device_guard(window_count.device());
   if (!m_device.defined() && m_host == 0) return;  // an empty micro-batch, known on the host
@@ -378,8 +376,7 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
                             const at::Tensor& batch_mean, const at::Tensor& batch_var,
                             std::string_view layer_mode, std::optional<int64_t> window,
                             std::optional<double> momentum, bool every_micro_batch) {
-  TORCH_CHECK(m.scalar_type() == at::kLong, kOp, ": m must be int64, got ", m.scalar_type());
-  TORCH_CHECK(m.dim() == 0, kOp, ": m must be a 0-dim tensor, got shape ", m.sizes());
+  check_count_tensor(m);
   if (m.is_cuda()) {  // the kernel reads it: the host never waits for the count
     update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
                  num_batches_tracked, m, 0, mean, var, batch_mean, batch_var, layer_mode, window,
@@ -388,7 +385,7 @@ void cmbn_update_state_cuda(at::Tensor& window_count, at::Tensor& window_mean, a
   }
   // A count on the CPU (a caller's scalar) is read here, where it is: copying it to the device
   // would be a blocking copy (and none that a CUDA graph can capture).
-  TORCH_CHECK(m.device().is_cpu(), kOp, ": m is on ", m.device(), " but window_count is on ",
+  TORCH_CHECK(m.device().is_cpu(), kUpdateStateOp, ": m is on ", m.device(), " but window_count is on ",
               window_count.device());
   update_state(window_count, window_mean, window_var, window_step, running_mean, running_var,
                num_batches_tracked, at::Tensor(), *m.const_data_ptr<int64_t>(), mean, var, batch_mean,

@@ -1,9 +1,10 @@
 """The CUDA kernels of csrc/cuda/ compiled for the CPU, so their parity tests run without a GPU.
 
-``load()`` translates csrc/cuda/ and the shared files of csrc/ (translate.py), compiles it with g++ against cuda_runtime.h, a CPU
-emulation of the part of the CUDA runtime the kernels use, and loads the library into this process.
-Its kernels then serve ``torch.ops.cmbn_ext.*`` for CPU tensors, in place of the reference: load it
-only in a process that runs the kernel tests (tests/test_emulated_kernels.py starts one).
+``load()`` translates csrc/cuda/ and the shared files of csrc/ (translate.py), compiles them with g++
+against cuda_runtime.h, a CPU emulation of the part of the CUDA runtime the kernels use, and loads
+the library into this process. Its kernels then serve ``torch.ops.cmbn_ext.*`` for CPU tensors, in
+place of the reference: load it only in a process that runs the kernel tests
+(tests/test_emulated_kernels.py starts one).
 
 The emulation runs each thread block's threads one after another between barriers, in a shuffled
 order (CMBN_EMULATION_SEED), so it checks indexing, barriers, reductions, the split regimes and the

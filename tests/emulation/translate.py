@@ -8,8 +8,9 @@ Only the CUDA syntax is rewritten; the kernels and launchers are compiled as wri
     constant expression), so that its launches are counted per instantiation as the others are
   - ``__shared__ T name[N];`` -> ``auto& name = cmbn_emu::shared_array<T, N>();`` (see cuda_runtime.h)
   - ``at::empty(...)`` / ``at::empty_like(...)`` -> ``cmbn_emu::poisoned(...)``
-  - ``.is_cuda()`` -> ``.is_cpu()`` and ``c10::DeviceType::CUDA`` -> ``c10::DeviceType::CPU``: CPU
-    tensors stand for the emulated device's
+  - ``.is_cuda()`` -> ``.is_cpu()`` and ``c10::DeviceType::CUDA`` -> ``c10::DeviceType::CPU`` wherever
+    they appear (the device guards' devices too, which the emulated guard ignores): CPU tensors stand
+    for the emulated device's; the other spellings of the device type (``kCUDA``) are refused
   - ``reinterpret_cast<`` -> ``cmbn_emu::aligned_reinterpret_cast<``, which stops at a misaligned pointer
   - ``TORCH_LIBRARY_IMPL(cmbn_ext, CUDA, m)`` -> ``(cmbn_ext, CPU, m)``: the emulated kernels serve CPU
     tensors, in place of the reference the package registers for them.
@@ -131,7 +132,7 @@ def translate(text):
     text = text.replace(REGISTRATION, "TORCH_LIBRARY_IMPL(cmbn_ext, CPU, m)")
     for line in text.splitlines():  # a construct the patterns above do not know fails here, not in g++
         code = line.split("//")[0]
-        if "<<<" in code or "__shared__" in code:
+        if "<<<" in code or "__shared__" in code or "kCUDA" in code:
             raise ValueError(f"translate.py cannot rewrite this CUDA construct: {line.strip()!r}")
     return text
 
