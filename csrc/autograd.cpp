@@ -77,8 +77,14 @@ struct TrainForwardBackward : public torch::autograd::Node {
                 eps, exact_grad, optional_if_defined(bias.unpack()), activation, activation_param,
                 from_output);
     if (task_should_compute_output(0)) result[0] = grad_x;
-    if (weight_dtype && task_should_compute_output(1)) result[1] = grad_weight.to(*weight_dtype);
-    if (bias_dtype && task_should_compute_output(2)) result[2] = grad_bias.to(*bias_dtype);
+    // In the parameters' dtype: a no-op check (no dispatch) for the usual fp32 parameters.
+    const auto in_dtype = [](const at::Tensor& grad, at::ScalarType dtype) {
+      return grad.scalar_type() == dtype ? grad : grad.to(dtype);
+    };
+    if (weight_dtype && task_should_compute_output(1)) {
+      result[1] = in_dtype(grad_weight, *weight_dtype);
+    }
+    if (bias_dtype && task_should_compute_output(2)) result[2] = in_dtype(grad_bias, *bias_dtype);
     return result;
   }
 };

@@ -22,11 +22,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::optional<int64_t> window, std::optional<double> momentum, bool every_micro_batch,
     int64_t activation, double activation_param, bool keep_output) {
   (void)keep_output;  // which tensor autograd saves for the backward: the op computes the same
-  // Deferred mode normalizes each micro-batch alone: its window is for the running statistics only.
-  const int64_t slots = layer_mode == "deferred" ? 0 : window_count.size(0);
-  auto outputs = Forward(x, weight, bias, window_count.narrow(0, 0, slots),
-                         window_mean.narrow(0, 0, slots), window_var.narrow(0, 0, slots), eps,
-                         ema_momentum, exact_grad, activation, activation_param);
+  // Deferred mode normalizes each micro-batch alone: its window is for the running statistics only
+  // (no history slots); the other modes pool the whole window, passed as it is (a narrow() view
+  // would cost a dispatch per tensor and call).
+  const bool deferred = layer_mode == "deferred";
+  const auto history = [deferred](const at::Tensor& t) { return deferred ? t.narrow(0, 0, 0) : t; };
+  auto outputs = Forward(x, weight, bias, history(window_count), history(window_mean),
+                         history(window_var), eps, ema_momentum, exact_grad, activation,
+                         activation_param);
   const int64_t channels = x.dim() >= 2 ? x.size(1) : 0;
   const int64_t m = channels ? x.numel() / channels : 0;
   if (m > 0) {  // an empty micro-batch leaves the state as it is

@@ -1,6 +1,6 @@
 #pragma once
 // The layout of a tensor (layout.h) and the tensors a kernel reads and writes, so that it never meets
-// a layout it does not walk: both kernel families (cpu/, cuda/) call these before any work.
+// a layout or dtype it does not expect: both kernel families (cpu/, cuda/) call these before any work.
 #include <ATen/ATen.h>
 
 #include <optional>
@@ -52,6 +52,18 @@ inline at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
   at::Tensor copy = at::empty_like(like);
   copy.copy_(t);
   return copy;
+}
+
+// `t` as contiguous values of `dtype`: `t` itself when it already is (the common case costs no
+// dispatch, which `t.to(dtype)` always does), else a converted copy (a few values per channel).
+inline at::Tensor as_dtype_contiguous(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return t.to(dtype).contiguous();
+}
+
+inline at::Tensor optional_as_dtype(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return as_dtype_contiguous(*t, dtype);
 }
 
 // Where a kernel reads `x` and writes `out` (= empty_like(x)): `out` itself when the kernels read its

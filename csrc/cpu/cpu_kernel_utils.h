@@ -40,18 +40,6 @@ inline int64_t read_count(const char* op, const at::Tensor& count) {
 // ---------------------------------------------------------------------------------------------------
 // Per-channel vectors
 
-// `t` as contiguous values of `dtype`: `t` itself when it already is (the common case costs no
-// dispatch), else a converted copy (a few values per channel).
-inline at::Tensor as_dtype_contiguous(const at::Tensor& t, at::ScalarType dtype) {
-  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
-  return t.to(dtype).contiguous();
-}
-
-inline at::Tensor optional_as_dtype(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  return as_dtype_contiguous(*t, dtype);
-}
-
 template <typename acc_t>
 const acc_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;

@@ -40,7 +40,7 @@ PoolingInputs pooling_inputs(const std::optional<at::Tensor>& weight,
                              const at::Tensor& history_mean, const at::Tensor& history_var,
                              at::ScalarType acc_dtype) {
   return PoolingInputs{optional_as_dtype(weight, acc_dtype), optional_as_dtype(bias, acc_dtype),
-                       history_count.is_contiguous() ? history_count : history_count.contiguous(),
+                       history_count.contiguous(),
                        as_dtype_contiguous(history_mean, acc_dtype),
                        as_dtype_contiguous(history_var, acc_dtype)};
 }

@@ -11,6 +11,7 @@
 
 #include "cmbn_cpu.h"
 #include "state_arguments.h"
+#include "work_tensors.h"
 
 namespace cmbn {
 namespace {
@@ -309,10 +310,10 @@ void cmbn_update_state_host_count_cpu(
                             batch_mean.scalar_type() == at::kDouble ||
                             batch_var.scalar_type() == at::kDouble;
   const at::ScalarType stats_type = stats_double ? at::kDouble : at::kFloat;
-  const at::Tensor mean_c = mean.to(stats_type);
-  const at::Tensor var_c = var.to(stats_type);
-  const at::Tensor batch_mean_c = batch_mean.to(stats_type);
-  const at::Tensor batch_var_c = batch_var.to(stats_type);
+  const at::Tensor mean_c = as_dtype_contiguous(mean, stats_type);
+  const at::Tensor var_c = as_dtype_contiguous(var, stats_type);
+  const at::Tensor batch_mean_c = as_dtype_contiguous(batch_mean, stats_type);
+  const at::Tensor batch_var_c = as_dtype_contiguous(batch_var, stats_type);
   // Type promotion as in the reference: the pooled statistics are promoted with the window's dtype
   // (not in sliding mode, which takes the stats as they are), then with the running statistics'.
   const bool value_double = stats_double || (!sliding && window_mean.scalar_type() == at::kDouble);

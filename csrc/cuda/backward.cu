@@ -599,7 +599,7 @@ void dispatch_backward(const BackwardArgs<scalar_t, acc_t>& args, const LayoutIn
 at::Tensor saved_statistic(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x,
                            at::ScalarType dtype) {
   check_channel_vector(op, t, name, x);
-  return t.to(dtype).contiguous();
+  return as_dtype_contiguous(t, dtype);
 }
 
 // The statistics saved by the forward, for the dx pass.

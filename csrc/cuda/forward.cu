@@ -529,7 +529,7 @@ void set_pooling_args(ForwardArgs<scalar_t, acc_t>& args, const PoolingInputs& i
 // tensors cmbn_batch_stats returns).
 at::Tensor given_statistic(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
   check_channel_vector(op, t, name, x);
-  return t.to(stats_dtype(x.scalar_type())).contiguous();
+  return as_dtype_contiguous(t, stats_dtype(x.scalar_type()));
 }
 
 }  // namespace

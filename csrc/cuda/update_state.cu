@@ -21,6 +21,7 @@
 #include "kernel_image.h"
 #include "kernel_types.h"
 #include "state_arguments.h"
+#include "work_tensors.h"
 
 namespace cmbn {
 namespace {
@@ -289,10 +290,10 @@ void update_state(at::Tensor& window_count, at::Tensor& window_mean, at::Tensor&
                             batch_mean.scalar_type() == at::kDouble ||
                             batch_var.scalar_type() == at::kDouble;
   const at::ScalarType stats_type = stats_double ? at::kDouble : at::kFloat;
-  const at::Tensor mean_c = mean.to(stats_type).contiguous();
-  const at::Tensor var_c = var.to(stats_type).contiguous();
-  const at::Tensor batch_mean_c = batch_mean.to(stats_type).contiguous();
-  const at::Tensor batch_var_c = batch_var.to(stats_type).contiguous();
+  const at::Tensor mean_c = as_dtype_contiguous(mean, stats_type);
+  const at::Tensor var_c = as_dtype_contiguous(var, stats_type);
+  const at::Tensor batch_mean_c = as_dtype_contiguous(batch_mean, stats_type);
+  const at::Tensor batch_var_c = as_dtype_contiguous(batch_var, stats_type);
 
   // Type promotion as in the reference: the pooled statistics are promoted with the window's dtype
   // (not in sliding mode, which takes the stats as they are), then with the running statistics'.
