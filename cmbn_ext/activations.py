@@ -17,9 +17,11 @@ IDENTITY, RELU, LEAKY_RELU, ELU, SILU, MISH, HARDSWISH = range(7)
 NAMES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU, "silu": SILU,
          "mish": MISH, "hardswish": HARDSWISH}
 CODE_NAMES = {code: name for name, code in NAMES.items()}
-# torch's module of each activation, and the attribute holding its parameter.
-MODULES = {nn.Identity: (IDENTITY, None), nn.ReLU: (RELU, None), nn.LeakyReLU: (LEAKY_RELU, "negative_slope"), nn.ELU: (ELU, "alpha"), nn.SiLU: (SILU, None),
+# torch's module of each activation, and the attribute holding its parameter (its first argument).
+MODULES = {nn.Identity: (IDENTITY, None), nn.ReLU: (RELU, None),
+           nn.LeakyReLU: (LEAKY_RELU, "negative_slope"), nn.ELU: (ELU, "alpha"), nn.SiLU: (SILU, None),
            nn.Mish: (MISH, None), nn.Hardswish: (HARDSWISH, None)}
+_MODULE_OF_CODE = {code: (cls, attribute) for cls, (code, attribute) in MODULES.items()}
 DEFAULT_PARAMS = {LEAKY_RELU: 0.01, ELU: 1.0}
 
 
@@ -42,7 +44,7 @@ def from_name(name, param=None):
     """``(code, param)`` of an activation named as in ``NAMES``; a ValueError names the choices."""
     if name not in NAMES:
         raise ValueError(f"activation must be one of {tuple(NAMES)}, an instance of one of torch.nn's "
-                         f"{', '.join(cls.__name__ for cls, entry in MODULES.items() if entry)}, or None; "
+                         f"{', '.join(cls.__name__ for cls in MODULES)}, or None; "
                          f"got {name!r}")
     code = NAMES[name]
     if param is None:
@@ -52,12 +54,13 @@ def from_name(name, param=None):
 
 def to_module(code, param):
     """A torch module that computes the activation (for ``revert_to_batchnorm`` and printing)."""
-    if code == LEAKY_RELU:
-        return nn.LeakyReLU(param)
-    if code == ELU:
-        return nn.ELU(param)
-    return {IDENTITY: nn.Identity, RELU: nn.ReLU, SILU: nn.SiLU, MISH: nn.Mish,
-            HARDSWISH: nn.Hardswish}[code]()
+    cls, attribute = _MODULE_OF_CODE[code]
+    return cls(param) if attribute else cls()
+
+
+def in_place(module):
+    """Whether ``module`` (an activation or dropout) changes its input in place."""
+    return getattr(module, "inplace", False) is True
 
 
 def apply(z, code, param):

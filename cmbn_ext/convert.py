@@ -63,10 +63,6 @@ def _activation_pairs(root, classes):
             if type(parent._modules[norm_name]) in classes and slots[id(parent._modules[norm_name])] == 1]
 
 
-def _in_place(module):
-    return getattr(module, "inplace", False) is True
-
-
 def _keeps_output_safely(layer, followed):
     """Whether a lean layer may keep its output: it computes an activation (whose output the original
     model's activation handed on as it does now), or its output goes straight into a module that
@@ -76,7 +72,7 @@ def _keeps_output_safely(layer, followed):
     if layer.fused_activation() is not None or id(layer) in followed:
         return True
     act = layer._modules.get("act")
-    return act is not None and type(act) is not torch.nn.Identity and not _in_place(act)
+    return act is not None and type(act) is not torch.nn.Identity and not activations.in_place(act)
 
 
 def _swap(module, cls, fuse_activation=None, **kwargs):
@@ -192,7 +188,8 @@ def convert_batchnorm(module, *, fuse_activation=False, memory="standard", **kwa
             layer._set_activation(*fused, act)
             layer._activation_slot = True
             parent.add_module(act_name, FusedActivation(act))
-        elif not _in_place(act) and not isinstance(act, torch.nn.Identity):  # that hands the output on
+        elif not activations.in_place(act) and not isinstance(act, torch.nn.Identity):
+            # an activation that hands the output on unchanged
             followed.add(id(layer))
     if memory == "lean":
         for layer in swapped.values():

@@ -59,12 +59,12 @@ class CrossMiniBatchNormAct2d(CrossMiniBatchNorm2d):
     def forward(self, x):
         if not isinstance(x, torch.Tensor):  # FX tracing: one node for the whole layer (or the error)
             return super().forward(x)
-        modules = self._modules  # dict lookups: the children may have been replaced since
-        act, drop = modules["act"], modules["drop"]
-        if act is not self._fused_for[0] or drop is not self._fused_for[1]:
-            self._refresh_activation()
+        self._refresh_if_replaced()
         y = super().forward(x)
-        return y if self._act_fused else act(drop(y))
+        if self._act_fused:
+            return y
+        modules = self._modules
+        return modules["act"](modules["drop"](y))
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -80,21 +80,22 @@ class CrossMiniBatchNormAct2d(CrossMiniBatchNorm2d):
         self._act_fused = entry is not None
         self._fused_for = (act, drop)  # a plain tuple: not registered as children
         self._set_activation(*(entry or (activations.IDENTITY, 0.0)))
-        if not self._act_fused and (_in_place(act) or _in_place(drop)):
+        if not self._act_fused and (activations.in_place(act) or activations.in_place(drop)):
             self._lean = False  # an in-place module after the op would change the output it keeps
 
-    def fused_activation(self):
-        if self._modules["act"] is not self._fused_for[0] or self._modules["drop"] is not self._fused_for[1]:
+    def _refresh_if_replaced(self):
+        """A new ``act`` or ``drop`` module (a dict lookup each: the children may have been replaced)."""
+        modules = self._modules
+        if modules["act"] is not self._fused_for[0] or modules["drop"] is not self._fused_for[1]:
             self._refresh_activation()
+
+    def fused_activation(self):
+        self._refresh_if_replaced()
         return super().fused_activation()
 
     def extra_repr(self):
         text = super().extra_repr()
         return text if self._fuse_activation else text + ", fuse_activation=False"
-
-
-def _in_place(module):
-    return getattr(module, "inplace", False) is True
 
 
 def _activation(act_layer, act_kwargs, inplace):
