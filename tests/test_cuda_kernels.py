@@ -827,16 +827,29 @@ PATH_CASES = {
 }
 
 
-def fused_outputs(x, weight, bias, history, grad_y, exact):
-    out = run_forward(x, weight, bias, history, None)
-    return [t.clone() for t in (*out, *run_backward(grad_y, x, weight, out[1:], exact))]
+# The activations the paths are compared through: none, one the backward differentiates at the
+# input (SiLU), and one it recovers from the output (memory="lean": LeakyReLU).
+PATH_ACTIVATIONS = {"none": (activations.IDENTITY, 0.0, False), "silu": (activations.SILU, 0.0, False),
+                    "leaky_0.2_from_output": (activations.LEAKY_RELU, 0.2, True)}
+
+
+def fused_outputs(x, weight, bias, history, grad_y, exact, activation):
+    code, param, from_output = activation
+    poison_allocator(x.numel() * x.element_size(), x.shape[1])
+    out = FORWARD(x, weight, bias, *history, EPS, None, False, code, param)
+    poison_allocator(x.numel() * x.element_size(), x.shape[1])
+    grads = BACKWARD(grad_y, out[0] if from_output else x, weight, *out[1:], EPS, exact, bias, code,
+                     param, from_output)
+    return [t.clone() for t in (*out, *grads)]
 
 
 @cuda_kernels_only
+@pytest.mark.parametrize("activation", list(PATH_ACTIVATIONS))
 @pytest.mark.parametrize("case", list(PATH_CASES))
-def test_paths_give_the_same_bits(case, monkeypatch):
+def test_paths_give_the_same_bits(case, activation, monkeypatch):
     """Both paths reduce the same values in the same threads and blocks with the same code, and write
-    with the same fused multiply-adds: every output of the fused ops is the same bits on either."""
+    with the same fused multiply-adds: every output of the fused ops is the same bits on either, with
+    an activation too, and from the output."""
     shape, dtype, memory_format = PATH_CASES[case]
     x = random_input(shape, dtype, memory_format)
     weight, bias = random_parameters(shape[1], dtype)
@@ -846,7 +859,8 @@ def test_paths_give_the_same_bits(case, monkeypatch):
     for path in PATHS:
         monkeypatch.setenv("CMBN_KERNEL_PATH", path)
         assert cmbn_ext.kernel_plan(x)["path"] == path
-        runs[path] = [fused_outputs(x, weight, bias, history, grad_y, exact) for exact in (False, True)]
+        runs[path] = [fused_outputs(x, weight, bias, history, grad_y, exact, PATH_ACTIVATIONS[activation])
+                      for exact in (False, True)]
     names = ("y", "mean", "var", "batch_mean", "batch_var", "b", "grad_x", "grad_weight", "grad_bias")
     for exact, (two_pass, single_read) in enumerate(zip(runs["two_pass"], runs["single_read"])):
         for name, a, b in zip(names, two_pass, single_read):

@@ -192,6 +192,7 @@ def test_mmcv_conv_module():
 
 
 def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()  # compiles afresh, under the recompile limit whatever compiled before
     model = cmbn_ext.convert_batchnorm(small_net().float(), window=2, fuse_activation=True, memory="lean")
     compiled_model = copy.deepcopy(model)
     compiled = torch.compile(compiled_model, fullgraph=True)
