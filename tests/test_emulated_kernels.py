@@ -121,8 +121,11 @@ def test_a_missing_grid_barrier_is_caught(tmp_path):
         dict(GROUP_ENVIRONMENT["single_read"], CMBN_EMULATION_SKIP_GRID_SYNC="1"),
         tmp_path / "launch_counts.json")
     assert returncode != 0, f"the kernels passed without their grid barrier, {summary}"
-    failed = set(re.findall(r"FAILED \S+::test_paths_give_the_same_bits\[(\w+)\]", output))
-    assert failed == {"grid_planes", "grid_rows", "grid_rows_odd", "grid_fp64"}, summary
+    failed = set(re.findall(r"FAILED \S+::test_paths_give_the_same_bits\[(\w+)-([\w.]+)\]", output))
+    cases, activations = {case for case, _ in failed}, {activation for _, activation in failed}
+    assert cases == {"grid_planes", "grid_rows", "grid_rows_odd", "grid_fp64"}, summary
+    assert activations == {"none", "silu", "leaky_0.2_from_output"}, summary
+    assert len(failed) == len(cases) * len(activations), summary  # each case with every activation
     assert "AssertionError" in output, summary
 
 
