@@ -19,23 +19,15 @@ import cmbn_ext
 
 BLOCKS, SHAPE = 4, (2, 8, 10, 10)
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)  # bench/ holds scripts, not a package
+
+import memory  # noqa: E402
 
 
 def saved_bytes(model, x):
-    """Bytes of the distinct storages saved by one training forward (parameters left out)."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        y = model(x)
-    y.sum().backward()
-    return sum(storages.values())
+    """Bytes of the distinct storages saved by one training forward (parameters left out), counted as
+    bench/memory.py counts them."""
+    return memory.saved_bytes(model, lambda: model(x).sum())[0]
 
 
 def stack(activation):
