@@ -142,14 +142,16 @@ class ArticleSampleCrossBatchNorm(nn.Module):
         return gamma[None, :, None, None] * x_hat + beta[None, :, None, None]
 
 
-def make_layer(variant, channels, device):
-    """A training-mode norm layer for one variant, with non-trivial affine parameters (fp32)."""
+def make_layer(variant, channels, device, **cmbn_options):
+    """A training-mode norm layer for one variant, with non-trivial affine parameters (fp32);
+    ``cmbn_options`` (``activation``, ``memory``) go to a CmBN layer."""
     if variant == "sample":
         return ArticleSampleCrossBatchNorm(channels)
     if variant in ("batchnorm", "pure_batchnorm"):
         layer = nn.BatchNorm2d(channels, eps=EPS, device=device)
     else:  # a "cmbn" variant, or "pure" in a process where the kernels are disabled
-        layer = cmbn_ext.CrossMiniBatchNorm2d(channels, eps=EPS, window=WINDOW, device=device)
+        layer = cmbn_ext.CrossMiniBatchNorm2d(channels, eps=EPS, window=WINDOW, device=device,
+                                              **cmbn_options)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.normal_()
@@ -768,45 +770,24 @@ def _stop_group_and_exit(proc):
 # ------------------------------------------------------------------------------------------ the run
 # ------------------------------------------------------------------------------ fused activations
 FUSED_ACTIVATION_SHAPES = [(8, 64, 56, 56), (2, 256, 28, 28), (8, 512, 28, 28), (2, 32, 32, 32)]
-# name -> (activation module, cmbn_ext.activations code and parameter, invertible: the lean policy)
+# name -> (activation module, invertible: whether the lean policy keeps the output)
 FUSED_ACTIVATIONS = {
-    "LeakyReLU(0.1)": (lambda: nn.LeakyReLU(0.1, inplace=True), (2, 0.1), True),
-    "SiLU": (lambda: nn.SiLU(inplace=True), (4, 0.0), False),
+    "LeakyReLU(0.1)": (lambda: nn.LeakyReLU(0.1, inplace=True), True),
+    "SiLU": (lambda: nn.SiLU(inplace=True), False),
 }
 
 
-class FusedActivationCmBN(nn.Module):
-    """CmBN with the activation computed inside ``cmbn_train_forward`` (cumulative mode, the window of
-    make_layer's CmBN); ``keep_output``: the backward keeps the output instead of the input
-    (memory="lean")."""
-
-    def __init__(self, channels, activation, keep_output=False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels).uniform_(0.5, 1.5))
-        self.bias = nn.Parameter(torch.randn(channels))
-        for name, value in (("window_count", torch.zeros(1, channels, dtype=torch.long)),
-                            ("window_mean", torch.zeros(1, channels)), ("window_var", torch.ones(1, channels)),
-                            ("window_step", torch.tensor(0)), ("running_mean", torch.zeros(channels)),
-                            ("running_var", torch.ones(channels)), ("num_batches_tracked", torch.tensor(0))):
-            self.register_buffer(name, value)
-        self.activation, self.keep_output = activation, keep_output
-
-    def forward(self, x):
-        return torch.ops.cmbn_ext.cmbn_train_forward(
-            x, self.weight, self.bias, self.window_count, self.window_mean, self.window_var,
-            self.window_step, self.running_mean, self.running_var, self.num_batches_tracked, EPS, None,
-            False, "cumulative", WINDOW, 0.1, False, *self.activation, self.keep_output)[0]
-
-
 def fused_activation_layers(channels, activation):
-    """{variant: layer} for one activation: BatchNorm2d then the module, CmBN then the module, and the
-    activation fused into CmBN's op (and its lean policy where the activation is invertible)."""
-    module, code, invertible = FUSED_ACTIVATIONS[activation]
+    """{variant: layer} for one activation: BatchNorm2d then the module, CmBN then the module, and
+    CrossMiniBatchNorm2d computing the activation in its op (and its lean policy where the activation
+    is invertible): the layers as a user builds them."""
+    module, invertible = FUSED_ACTIVATIONS[activation]
     layers = {"BatchNorm2d + act": nn.Sequential(make_layer("batchnorm", channels, "cpu"), module()),
               "CmBN + act": nn.Sequential(make_layer("cmbn", channels, "cpu"), module()),
-              "CmBN fused": FusedActivationCmBN(channels, code)}
+              "CmBN fused": make_layer("cmbn", channels, "cpu", activation=module())}
     if invertible:
-        layers["CmBN fused, lean"] = FusedActivationCmBN(channels, code, keep_output=True)
+        layers["CmBN fused, lean"] = make_layer("cmbn", channels, "cpu", activation=module(),
+                                                memory="lean")
     return {name: layer.train() for name, layer in layers.items()}
 
 
@@ -875,14 +856,16 @@ def fused_activation_report(rows, device, load_before, load_after, args):
         f"{device_name(device)}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch thread(s); {date}. Load average (1, 5, 15 min) "
         f"{', '.join(f'{v:.2f}' for v in load_before)} before the run and "
-        f"{', '.join(f'{v:.2f}' for v in load_after)} after it (other processes shared the host).",
+        f"{', '.join(f'{v:.2f}' for v in load_after)} after it"
+        + (" (other processes shared the host)." if max(load_before[0], load_after[0]) > 1.5 else "."),
         "",
         "Median ms per call (training forward, or forward and the gradients of x, weight and bias), the "
         "variants timed side by side in interleaved rounds over rotated inputs "
         "(`python bench/benchmark.py --device cpu --fused-activation`). BatchNorm2d + act: torch's "
         "BatchNorm2d then the activation module (in place); CmBN + act: CrossMiniBatchNorm2d then the "
-        "module; CmBN fused: the activation computed in `cmbn_train_forward` and differentiated in "
-        "`cmbn_backward`, the input kept; lean: the output kept instead (invertible activations). "
+        "module; CmBN fused: CrossMiniBatchNorm2d(activation=the module), the activation computed in "
+        "`cmbn_train_forward` and differentiated in `cmbn_backward`, the input kept; lean: "
+        "memory=\"lean\", the output kept instead (invertible activations). "
         "Ratios are to BatchNorm2d + act (below 1: faster).",
         "",
         "| shape | dtype | activation | pass | " + " | ".join(f"{c} ms" for c in FUSED_COLUMNS) + " | "
